@@ -1,0 +1,164 @@
+"""Hybrid attention: sliding window (ratio 0), CSA (ratio 4, lightning indexer) or HCA (ratio 128).
+
+Shapes: x [B, S, d]; H heads of dim D; one shared KV head; W window; r ratio; N = S // r entries.
+  q  = RoPE(rms(wq_b(q_norm(wq_a(x)))))                    [B, S, H, D]   (per-head RMS, no weight)
+  kv = RoPE(kv_norm(wkv(x)))                               [B, S, D]      (key = value)
+  c  = Compressor(x)                                       [B, N, D]      (CSA / HCA layers)
+  query t attends to one softmax over
+      window rows      j ∈ (t−W, t]          of its own document, and
+      compressed rows  i < (t+1) // r        of its own document
+                       (CSA: the indexer's top-k of those, or all of them in `dense` mode; HCA: all),
+  with the sink exp(attn_sink[h]) in the denominator; the output is de-rotated (inverse RoPE at t),
+  grouped into G groups, projected per group by wo_a [G·o_lora, H·D/G] and mixed by wo_b [d, G·o_lora].
+
+Everything after the projections is computed in query chunks (`attention_chunk_size`), each
+rematerialised in the backward pass: no [S, S] or [S, N] tensor is built.
+For CSA layers the indexer's KL loss toward the main attention's distribution over the compressed
+rows (summed over heads, renormalised; the indexer sees stop-gradient inputs) is returned.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.compressor import Compressor
+from dsv4_jax.layers.indexer import Indexer
+from dsv4_jax.layers.linear import Linear, param
+from dsv4_jax.layers.norms import RMSNorm, rms_norm
+from dsv4_jax.layers.rope import apply_rope, layer_frequencies
+from dsv4_jax.ops import dispatch
+from dsv4_jax.ops.indexer import indexer_scores, select_topk
+from dsv4_jax.ops.quantization import fake_quant_fp8
+from dsv4_jax.ops.sparse_attention import attention_logits, gather_rows, map_query_chunks
+
+ATTENTION_MODES = ("sparse", "dense")
+
+
+def window_indices(rows: jax.Array, segment_ids: jax.Array, window: int) -> jax.Array:
+  """rows [B, C] query row indices -> [B, C, W] rows t−W+1..t of the same segment, −1 elsewhere."""
+  j = rows[..., None] - window + 1 + jnp.arange(window)
+  b, c, w = j.shape
+  seg_j = jnp.take_along_axis(segment_ids, jnp.clip(j, 0).reshape(b, c * w), axis=1).reshape(b, c, w)
+  seg_t = jnp.take_along_axis(segment_ids, rows, axis=1)[..., None]
+  return jnp.where((j >= 0) & (seg_j == seg_t), j, -1)
+
+
+def compressed_visibility(rows: jax.Array, segment_ids: jax.Array, ratio: int, n: int) -> jax.Array:
+  """rows [B, C] -> [B, C, N] bool: entry i is complete ((i+1)·r ≤ t+1) and in the query's segment."""
+  seg_t = jnp.take_along_axis(segment_ids, rows, axis=1)[..., None]
+  block_seg = segment_ids[:, :n * ratio:ratio][:, None, :]
+  i = jnp.arange(n)
+  return (i < (rows[..., None] + 1) // ratio) & (block_seg == seg_t)
+
+
+def indexer_kl(q, kv, lse, cidx, index_logits, scale):
+  """KL(p ‖ softmax(index_logits)) per query over the compressed slots `cidx`.
+
+  p = Σ_h softmax-probabilities of the main attention at those slots (using its full log-sum-exp
+  `lse` [B, C, H]), renormalised; p is stop-gradient. index_logits: [B, C, K] (−inf where masked).
+  Returns (kl [B, C], has_entries [B, C]).
+  """
+  logits = attention_logits(q, gather_rows(kv, cidx), cidx, scale)
+  p = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2)
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  p = jax.lax.stop_gradient(p / jnp.where(total > 0, total, 1.0))
+  log_q = jax.nn.log_softmax(jnp.where(cidx >= 0, index_logits, -jnp.inf), axis=-1)
+  terms = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
+  has_entries = jnp.any(cidx >= 0, axis=-1)
+  return jnp.where(has_entries, jnp.sum(terms, axis=-1), 0.0), has_entries
+
+
+class Attention(nnx.Module):
+  """One attention layer; its kind (SWA / CSA / HCA) is set by `ratio` = compress_ratios[layer]."""
+
+  def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
+    d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    self.cfg, self.ratio = cfg, ratio
+    self.n_heads, self.head_dim, self.groups = h, hd, cfg.o_groups
+    self.wq_a = Linear(d, cfg.q_lora_rank, ("q_lora", "embed"), rngs=rngs, cfg=cfg)
+    self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, axis="q_lora")
+    self.wq_b = Linear(cfg.q_lora_rank, h * hd, ("heads", "q_lora"), rngs=rngs, cfg=cfg)
+    self.wkv = Linear(d, hd, ("kv", "embed"), rngs=rngs, cfg=cfg)
+    self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps, axis="kv")
+    self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, ("o_lora", "heads"),
+                       rngs=rngs, cfg=cfg)
+    self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, ("embed", "o_lora"), rngs=rngs, cfg=cfg)
+    self.attn_sink = param(None, (h,), ("heads",), value=0.0)
+    if ratio:
+      self.compressor = Compressor(cfg, ratio, hd, rngs=rngs)
+    if ratio == 4:
+      self.indexer = Indexer(cfg, ratio, rngs=rngs)
+    self.freqs = layer_frequencies(cfg, compressed=ratio > 0)
+
+  def _kv_quantise(self, kv: jax.Array) -> jax.Array:
+    """QAT: FP8-simulate the non-RoPE dims; RoPE dims stay unquantised."""
+    if not self.cfg.qat:
+      return kv
+    rd = self.cfg.qk_rope_head_dim
+    return jnp.concatenate([fake_quant_fp8(kv[..., :-rd]), kv[..., -rd:]], axis=-1)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+               attention_mode: str = "sparse", with_indexer_loss: bool = True):
+    """x [B, S, d], positions / segment_ids [B, S] -> (out [B, S, d], aux dict).
+
+    aux: {"indexer_kl_sum", "indexer_kl_count"} (zeros outside CSA layers or when not requested).
+    """
+    if attention_mode not in ATTENTION_MODES:
+      raise ValueError(f"attention_mode: expected one of {ATTENTION_MODES}, got {attention_mode!r}")
+    cfg, r = self.cfg, self.ratio
+    b, s, _ = x.shape
+    h, hd, eps = self.n_heads, self.head_dim, cfg.rms_norm_eps
+
+    qr = self.q_norm(self.wq_a(x))
+    q = self.wq_b(qr).reshape(b, s, h, hd)
+    q = apply_rope(rms_norm(q, eps).astype(q.dtype), positions, self.freqs)
+    kv = self._kv_quantise(apply_rope(self.kv_norm(self.wkv(x)), positions, self.freqs))
+
+    n = s // r if r else 0
+    kv_all = kv
+    if n:
+      compressed = self._kv_quantise(self.compressor(x, positions, self.freqs, segment_ids))
+      kv_all = jnp.concatenate([kv, compressed.astype(kv.dtype)], axis=1)  # rows S.. are entries 0..N-1
+    use_indexer = r == 4 and n > 0 and (attention_mode == "sparse" or with_indexer_loss)
+    index_q = index_w = index_k = None
+    if use_indexer:
+      index_q, index_w, index_k = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr),
+                                               positions, self.freqs, segment_ids)
+    want_kl = use_indexer and with_indexer_loss
+    scale = hd ** -0.5
+    attend = dispatch.sparse_attention_fn(cfg.kernels)
+
+    def chunk(rows, q_c, *index_c):
+      idx = window_indices(rows, segment_ids, cfg.sliding_window)
+      kl = has = jnp.zeros(rows.shape, jnp.float32)
+      if n:
+        visible = compressed_visibility(rows, segment_ids, r, n)
+        if use_indexer:
+          scores = indexer_scores(index_c[0], index_c[1], index_k)
+        if r == 4 and attention_mode == "sparse":
+          cidx, index_logits = select_topk(scores, visible, cfg.index_topk)
+        else:
+          cidx = jnp.where(visible, jnp.arange(n), -1)
+          index_logits = scores if use_indexer else None
+        idx = jnp.concatenate([idx, jnp.where(cidx >= 0, cidx + s, -1)], axis=-1)
+      o, lse = attend(q_c, kv_all, self.attn_sink[...], idx, scale=scale, chunk_size=None, return_lse=True)
+      if want_kl:
+        kl, has = indexer_kl(q_c, kv_all, lse, jnp.where(cidx >= 0, cidx + s, -1), index_logits, scale)
+        real = jnp.take_along_axis(segment_ids, rows, axis=1) != 0
+        kl, has = kl * real, (has & real).astype(jnp.float32)
+      return o, kl, has
+
+    rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    chunk_inputs = (rows, q) + ((index_q, index_w) if use_indexer else ())
+    o, kl, has = map_query_chunks(chunk, min(cfg.attention_chunk_size, s), *chunk_inputs)
+
+    o = apply_rope(o, positions, self.freqs, inverse=True)
+    o = o.reshape(b, s, self.groups, h * hd // self.groups)
+    wo_a = self.wo_a.weight[...].reshape(self.groups, cfg.o_lora_rank, -1).astype(self.wo_a.dtype)
+    o = jnp.einsum("bsgd,grd->bsgr", o.astype(self.wo_a.dtype), wo_a)
+    out = self.wo_b(o.reshape(b, s, -1))
+    aux = {"indexer_kl_sum": jnp.sum(kl), "indexer_kl_count": jnp.sum(has)}
+    return out.astype(x.dtype), aux

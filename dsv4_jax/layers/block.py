@@ -1,0 +1,42 @@
+"""One DeepSeek-V4 block: attention and MoE, each wrapped in manifold-constrained hyper-connections.
+
+  X [B, S, N, d]:  y, post, comb = mhc_pre(X);  X = mhc_post(attn(attn_norm(y)), X, post, comb)
+                   y, post, comb = mhc_pre(X);  X = mhc_post(moe(ffn_norm(y)),  X, post, comb)
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.attention import Attention
+from dsv4_jax.layers.mhc import HyperConnection, mhc_post
+from dsv4_jax.layers.moe import MoE
+from dsv4_jax.layers.norms import RMSNorm
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    """`layer` indexes compress_ratios (MTP layers follow the main layers) and decides hash routing."""
+    d = cfg.hidden_size
+    self.ratio = cfg.compress_ratios[layer]
+    self.attn = Attention(cfg, self.ratio, rngs=rngs)
+    self.ffn = MoE(cfg, hash_routed=layer < cfg.num_hash_layers, rngs=rngs)
+    self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+    self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+    self.hc_attn = HyperConnection(d, cfg, rngs=rngs)
+    self.hc_ffn = HyperConnection(d, cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, token_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+               attention_mode: str = "sparse", with_indexer_loss: bool = True):
+    """x [B, S, N, d] -> (x [B, S, N, d], aux dict of the attention and MoE)."""
+    y, post, comb = self.hc_attn.pre(x)
+    y, attn_aux = self.attn(self.attn_norm(y), positions, segment_ids, attention_mode=attention_mode,
+                            with_indexer_loss=with_indexer_loss)
+    x = mhc_post(y, x, post, comb)
+    y, post, comb = self.hc_ffn.pre(x)
+    y, moe_aux = self.ffn(self.ffn_norm(y), token_ids, segment_ids != 0)
+    x = mhc_post(y, x, post, comb)
+    return x, {**attn_aux, **moe_aux}

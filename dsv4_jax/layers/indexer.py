@@ -1,0 +1,46 @@
+"""Lightning indexer of CSA layers: picks the top-k compressed entries each query attends to.
+
+Parameters: wq_b [Hi·Di, q_lora], weights_proj [Hi, d], and its own overlap compressor (c = Di).
+  q_I = RoPE(wq_b(qr)) [B, S, Hi, Di],  w = weights_proj(x) · Di^-0.5 · Hi^-0.5 [B, S, Hi],
+  K_I = Compressor(x) [B, S/4, Di];  score(t, i) = Σ_h w[t,h] · ReLU(q_I[t,h] · K_I[i]).
+With `qat`, q_I and K_I are Hadamard-rotated and FP4 fake-quantised as in the released model.
+The indexer is trained only by the KL loss toward the main attention (its inputs are stop-gradient'd
+by the caller).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.compressor import Compressor
+from dsv4_jax.layers.linear import Linear
+from dsv4_jax.layers.rope import apply_rope
+from dsv4_jax.ops.quantization import fake_quant_fp4, hadamard_rotate
+
+
+class Indexer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
+    self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+    self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, ("index_heads", "q_lora"),
+                       rngs=rngs, cfg=cfg)
+    self.weights_proj = Linear(cfg.hidden_size, self.n_heads, ("index_heads", "embed"), rngs=rngs, cfg=cfg)
+    self.compressor = Compressor(cfg, ratio, self.head_dim, rngs=rngs)
+    self.qat = cfg.qat
+
+  def _quantise(self, x: jax.Array) -> jax.Array:
+    return fake_quant_fp4(hadamard_rotate(x)) if self.qat else x
+
+  def __call__(self, x: jax.Array, qr: jax.Array, positions: jax.Array, freqs: np.ndarray,
+               segment_ids: jax.Array | None = None):
+    """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], w [B, S, Hi], K_I [B, S/r, Di])."""
+    b, s, _ = x.shape
+    q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+    q = self._quantise(apply_rope(q, positions, freqs))
+    w = self.weights_proj(x).astype(jnp.float32) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+    k = self._quantise(self.compressor(x, positions, freqs, segment_ids))
+    return q, w, k

@@ -1,0 +1,38 @@
+"""Linear layer and parameter helpers shared by every module.
+
+Weights are stored as the released checkpoint stores them, `[out, in]`, so conversion is renaming.
+Every parameter carries its logical axis names in the `logical_axes` metadata (see
+`dsv4_jax.parallel.mesh` for the table that maps them to mesh axes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4_jax.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], *, std: float | None = None,
+          value: float | None = None, dtype=jnp.float32) -> nnx.Param:
+  """An `nnx.Param` of `shape` filled with N(0, std²) noise or the constant `value`, annotated with `axes`."""
+  assert len(shape) == len(axes), (shape, axes)
+  if value is not None:
+    data = jnp.full(shape, value, dtype)
+  else:
+    data = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(data, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+  """y = x Wᵀ with W [out, in] (no bias). Computed in `dtype` (the config's compute dtype)."""
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+               rngs: nnx.Rngs, cfg: ModelConfig, dtype=None):
+    self.weight = param(rngs, (out_features, in_features), axes, std=cfg.init_std,
+                        dtype=jnp.dtype(cfg.param_dtype))
+    self.dtype = jnp.dtype(dtype or cfg.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))

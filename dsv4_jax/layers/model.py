@@ -1,0 +1,136 @@
+"""The DeepSeek-V4 Transformer and its multi-token-prediction (MTP) block.
+
+  h = embed(ids) [B, S, d] → X = h copied into N streams [B, S, N, d] → blocks → hc_head → norm → head
+  MTP (depth 1): x = e_proj(enorm(embed(ids[t+1]))) + h_proj(hnorm(X_t)) (broadcast over streams),
+                 one block, its own hc_head and norm, the shared head: predicts token t+2 from t.
+
+Packed sequences: `segment_ids` [B, S] (0 = padding) and per-document `positions` [B, S]. Documents
+must start at row offsets that are multiples of the largest compression ratio, so every compression
+block belongs to one document; tokens attend only within their own segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.block import Block
+from dsv4_jax.layers.linear import Linear, param
+from dsv4_jax.layers.mhc import HyperConnectionHead
+from dsv4_jax.layers.norms import RMSNorm
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+  """logits [B, S, V] (fp32); mtp_logits [B, S−1, V] or None; aux: dict of per-layer statistics.
+
+  aux["expert_load"] [L, E] routed-token counts (main layers), aux["balance_loss"] (mean over
+  score-routed layers), aux["indexer_loss"] (mean KL over CSA layers' queries), plus the MTP
+  layer's under "mtp_*"; aux["hidden"] are the final streams [B, S, N, d].
+  """
+  logits: jax.Array
+  mtp_logits: jax.Array | None
+  aux: dict[str, Any]
+
+
+class MTPBlock(Block):
+  """A Block plus e_proj, h_proj [d, d]; enorm, hnorm, norm; and its own hc_head (released layout)."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    super().__init__(cfg, layer, rngs=rngs)
+    d = cfg.hidden_size
+    self.e_proj = Linear(d, d, ("embed", "embed_in"), rngs=rngs, cfg=cfg)
+    self.h_proj = Linear(d, d, ("embed", "embed_in"), rngs=rngs, cfg=cfg)
+    self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+    self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+    self.norm = RMSNorm(d, cfg.rms_norm_eps)
+    self.hc_head = HyperConnectionHead(d, cfg, rngs=rngs)
+
+  def predict(self, streams, next_embed, next_ids, positions, segment_ids, **kwargs):
+    """streams [B, T, N, d], next_embed [B, T, d] -> (head input [B, T, d], aux)."""
+    x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
+    x, aux = self(x, next_ids, positions, segment_ids, **kwargs)
+    return self.norm(self.hc_head(x)), aux
+
+
+class Transformer(nnx.Module):
+  """DeepSeek-V4. `model(input_ids, segment_ids=None, positions=None)` -> ModelOutput."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.cfg = cfg
+    self.embed = _Embedding(cfg, rngs=rngs)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+    self.hc_head = HyperConnectionHead(d, cfg, rngs=rngs)
+    self.norm = RMSNorm(d, cfg.rms_norm_eps)
+    self.head = Linear(d, cfg.vocab_size, ("vocab", "embed"), rngs=rngs, cfg=cfg, dtype=jnp.float32)
+    self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs=rngs)
+                         for i in range(cfg.num_nextn_predict_layers)])
+
+  def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, attention_mode: str = "sparse",
+               with_indexer_loss: bool = True, with_mtp: bool = True) -> ModelOutput:
+    """input_ids [B, S] int; segment_ids [B, S] (0 = padding; default all 1); positions [B, S]
+    (default 0..S−1). attention_mode "sparse" (top-k) or "dense" (CSA attends every visible entry)."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids: expected [batch, seq] integers, got shape {input_ids.shape}")
+    b, s = input_ids.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, s), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
+      if jnp.shape(arr) != (b, s):
+        raise ValueError(f"{name}: expected shape {(b, s)} like input_ids, got {jnp.shape(arr)}")
+    kwargs = dict(attention_mode=attention_mode, with_indexer_loss=with_indexer_loss)
+    cfg = self.cfg
+
+    h = self.embed(input_ids)
+    x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
+    layer_aux = []
+    for block in self.layers:
+      x, aux = block(x, input_ids, positions, segment_ids, **kwargs)
+      layer_aux.append(aux)
+    logits = self.head(self.norm(self.hc_head(x)))
+
+    out_aux = _summarise(layer_aux, cfg)
+    out_aux["hidden"] = x
+    mtp_logits = None
+    if with_mtp and len(self.mtp) and s > 1:
+      mtp_in, mtp_aux = self.mtp[0].predict(x[:, :-1], self.embed(input_ids[:, 1:]), input_ids[:, 1:],
+                                    positions[:, :-1], segment_ids[:, :-1], **kwargs)
+      mtp_logits = self.head(mtp_in)
+      out_aux.update({f"mtp_{k}": v for k, v in _summarise([mtp_aux], cfg, mtp=True).items()})
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux)
+
+
+class _Embedding(nnx.Module):
+  """embed.weight [V, d]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.weight = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.init_std,
+                        dtype=jnp.dtype(cfg.param_dtype))
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return self.weight[...][ids].astype(self.dtype)
+
+
+def _summarise(layer_aux: list[dict], cfg: ModelConfig, mtp: bool = False) -> dict:
+  """Stacks per-layer expert loads and averages the balance and indexer losses."""
+  first = cfg.num_hidden_layers if mtp else 0
+  routed = [a["balance_loss"] for i, a in enumerate(layer_aux) if first + i >= cfg.num_hash_layers]
+  kl_sum = sum(a["indexer_kl_sum"] for a in layer_aux)
+  kl_count = sum(a["indexer_kl_count"] for a in layer_aux)
+  return {
+      "expert_load": jnp.stack([a["expert_load"] for a in layer_aux]),
+      "balance_loss": jnp.mean(jnp.stack(routed)) if routed else jnp.zeros((), jnp.float32),
+      "indexer_loss": kl_sum / jnp.maximum(kl_count, 1.0),
+  }

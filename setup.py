@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dsv4_jax",
+    version="0.1.0",
+    description="DeepSeek-V4 in JAX/Flax NNX: hybrid sparse attention, mHC, DeepSeekMoE, MTP",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsv4_jax", "dsv4_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "z3-solver",
+        "absl-py",
+        "safetensors",
+        "ml_dtypes",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=5.24"],
+        "parity": ["torch==2.13.0", "transformers>=5.24"],
+    },
+    entry_points={"console_scripts": ["dsv4=dsv4_jax.cli:main"]},
+)
