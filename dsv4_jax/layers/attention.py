@@ -91,7 +91,7 @@ class Attention(nnx.Module):
       self.compressor = Compressor(cfg, ratio, hd, rngs=rngs)
     if ratio == 4:
       self.indexer = Indexer(cfg, ratio, rngs=rngs)
-    self.freqs = layer_frequencies(cfg, compressed=ratio > 0)
+    self.freqs = tuple(float(f) for f in layer_frequencies(cfg, compressed=ratio > 0))  # static, not state
 
   def _kv_quantise(self, kv: jax.Array) -> jax.Array:
     """QAT: FP8-simulate the non-RoPE dims; RoPE dims stay unquantised."""

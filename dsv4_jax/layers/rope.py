@@ -45,12 +45,13 @@ def layer_frequencies(cfg: ModelConfig, compressed: bool) -> np.ndarray:
   return rope_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray, *, inverse: bool = False) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, freqs, *, inverse: bool = False) -> jax.Array:
   """Rotates the last 2·len(freqs) dims of x.
 
   x: [B, S, ..., D] (any number of axes between S and D); positions: [B, S] integer.
   Returns x with the same shape and dtype; `inverse` rotates by −angle (the output de-rotation).
   """
+  freqs = np.asarray(freqs, np.float32)
   rope_dim = 2 * freqs.shape[0]
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)  # [B, S, Dr/2]
   angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[2:])
