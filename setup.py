@@ -20,6 +20,11 @@ setup(
         "ml_dtypes",
         "numpy",
         "pyyaml",
+        "tokenizers",
+        "pyarrow",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=5.24"],

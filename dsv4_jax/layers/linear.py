@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
@@ -19,9 +20,15 @@ def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], *, std: fl
   """An `nnx.Param` of `shape` filled with N(0, std²) noise or the constant `value`, annotated with `axes`."""
   assert len(shape) == len(axes), (shape, axes)
   if value is not None:
-    data = jnp.full(shape, value, dtype)
+    data = np.full(shape, value, np.float32)
   else:
-    data = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):  # under jit / eval_shape
+      data = std * jax.random.normal(key, shape, jnp.float32)
+    else:  # eager: draw on the host, avoiding one XLA compilation per parameter shape
+      seed = np.asarray(jax.random.key_data(key)).astype(np.uint32)
+      data = std * np.random.default_rng(seed).standard_normal(shape, np.float32)
+    data = jnp.asarray(data, dtype)
   return nnx.Param(data, logical_axes=tuple(axes))
 
 

@@ -23,6 +23,9 @@ from dsv4_jax.layers.block import Block
 from dsv4_jax.layers.linear import Linear, param
 from dsv4_jax.layers.mhc import HyperConnectionHead
 from dsv4_jax.layers.norms import RMSNorm
+from dsv4_jax.parallel.mesh import constrain
+
+STREAMS_AXES = ("batch", "seq", "streams", "act_embed")  # X [B, S, N, d]
 
 
 @jax.tree_util.register_dataclass
@@ -96,8 +99,10 @@ class Transformer(nnx.Module):
     x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
     layer_aux = []
     for block in self.layers:
+      x = constrain(x, STREAMS_AXES)
       x, aux = block(x, input_ids, positions, segment_ids, **kwargs)
       layer_aux.append(aux)
+    x = constrain(x, STREAMS_AXES)
     logits = self.head(self.norm(self.hc_head(x)))
 
     out_aux = _summarise(layer_aux, cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
@@ -98,11 +99,11 @@ class Gate(nnx.Module):
     self.hash_routed = hash_routed
     if hash_routed:
       # A fixed balanced assignment: token v uses experts (v·K + j) mod E.
-      table = (jnp.arange(cfg.vocab_size)[:, None] * cfg.num_experts_per_tok
-               + jnp.arange(cfg.num_experts_per_tok)) % e
-      self.tid2eid = HashTable(table.astype(jnp.int32), logical_axes=("vocab", None))
+      table = (np.arange(cfg.vocab_size)[:, None] * cfg.num_experts_per_tok
+               + np.arange(cfg.num_experts_per_tok)) % e
+      self.tid2eid = HashTable(jnp.asarray(table, jnp.int32), logical_axes=("vocab", None))
     else:
-      self.bias = RouterBias(jnp.zeros((e,), jnp.float32), logical_axes=("experts",))
+      self.bias = RouterBias(jnp.asarray(np.zeros((e,), np.float32)), logical_axes=("experts",))
     self.topk, self.scoring_func, self.scale = cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor
 
   def __call__(self, x: jax.Array, token_ids: jax.Array):

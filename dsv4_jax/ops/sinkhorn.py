@@ -19,4 +19,4 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
     return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
 
-  return jax.lax.fori_loop(0, iters - 1, round_, comb, unroll=True)
+  return jax.lax.fori_loop(0, iters - 1, round_, comb)

@@ -1,0 +1,89 @@
+"""Shared plumbing for the Pallas kernels: interpret-mode choice, output poisoning, the call builder.
+
+`interpret=None` means: interpret on CPU (the generic Pallas interpreter), compile elsewhere. Pass
+`interpret=pltpu.InterpretParams(...)` to run under the TPU interpreter, which simulates scalar
+prefetch, SMEM/VMEM memory spaces and the DMA pipeline on CPU.
+
+Poisoning (tests): inside `with poison_outputs():` every floating-point kernel output starts as a NaN
+buffer aliased to the output (input_output_aliases), so any element the kernel fails to write shows
+up as NaN instead of silently holding stale or zero memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+  """Within this context, kernels traced from now on start every float output as NaN."""
+  previous = getattr(_state, "poison", False)
+  _state.poison = enabled
+  try:
+    yield
+  finally:
+    _state.poison = previous
+
+
+def poisoning() -> bool:
+  return getattr(_state, "poison", False)
+
+
+def resolve_interpret(interpret: Any, kernel_name: str) -> Any:
+  """None -> interpret on CPU, compiled on TPU; GPU is refused (the kernels use TPU scalar prefetch)."""
+  if interpret is not None:
+    return interpret
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return True
+  if backend == "tpu":
+    return False
+  raise NotImplementedError(
+      f"{kernel_name}: no compiled Pallas lowering for backend {backend!r}; these kernels use TPU "
+      "scalar prefetch (PrefetchScalarGridSpec) which Triton / Mosaic GPU cannot express. Use the XLA "
+      "reference on GPU, or pass interpret=True.")
+
+
+def kernel_call(kernel: Callable, *, grid: tuple, in_specs: Sequence, out_specs: Sequence,
+                out_shape: Sequence[jax.ShapeDtypeStruct], num_scalar_prefetch: int = 0,
+                scratch_shapes: Sequence = (), dimension_semantics: Sequence[str],
+                interpret: Any, name: str) -> Callable:
+  """pallas_call with a PrefetchScalarGridSpec; outputs are poisoned with NaN when `poisoning()`.
+
+  The returned function takes (*scalar_prefetch, *inputs) and returns the tuple of outputs.
+  """
+  in_specs, out_specs, out_shape = list(in_specs), list(out_specs), list(out_shape)
+  poison = poisoning()
+  n_in = num_scalar_prefetch + len(in_specs)
+  poisoned = [i for i, s in enumerate(out_shape) if poison and jnp.issubdtype(s.dtype, jnp.floating)]
+
+  def body(*refs):
+    if poisoned:  # the aliased NaN inputs are the outputs' initial contents; the kernel ignores them
+      refs = refs[:n_in] + refs[n_in + len(poisoned):]
+    kernel(*refs)
+
+  call = pl.pallas_call(
+      body,
+      out_shape=tuple(out_shape),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=num_scalar_prefetch, grid=grid,
+          in_specs=in_specs + [out_specs[i] for i in poisoned],
+          out_specs=tuple(out_specs), scratch_shapes=tuple(scratch_shapes)),
+      input_output_aliases={n_in + k: i for k, i in enumerate(poisoned)},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics)),
+      interpret=interpret, name=name)
+
+  def run(*args):
+    nan_buffers = [jnp.full(out_shape[i].shape, jnp.nan, out_shape[i].dtype) for i in poisoned]
+    return call(*args, *nan_buffers)
+
+  return run

@@ -1,0 +1,5 @@
+import sys
+
+from pallas_kernels.verify import main
+
+sys.exit(main())
