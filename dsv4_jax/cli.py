@@ -33,6 +33,45 @@ def info(argv):
   print(f"parameters: {total:,}")
 
 
+@command("train")
+def train(argv):
+  """dsv4 train --config CONFIG [--set key=value ...] [--resume]: train (see configs/tiny.yaml)."""
+  from absl import flags
+  flags.DEFINE_string("config", "configs/tiny.yaml", "training YAML (model, data, optimizer, curriculum, train)")
+  flags.DEFINE_multi_string("set", [], "override, e.g. --set optimizer.learning_rate=1e-3 --set curriculum.0.steps=50")
+  flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in the run directory")
+  flags.DEFINE_integer("max_steps", None, "stop after this many steps (the schedule still spans the full run)")
+  flags.DEFINE_bool("progress", True, "show a progress bar")
+  flags.FLAGS(argv)
+  from dsv4_jax.config import TrainConfig
+  from dsv4_jax.train.loop import train as run_training
+
+  overrides = {}
+  for item in flags.FLAGS.set:
+    if "=" not in item:
+      raise SystemExit(f"--set {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    overrides[key] = value
+  cfg = TrainConfig.from_yaml(flags.FLAGS.config, overrides)
+  run_training(cfg, resume=flags.FLAGS.resume, max_steps=flags.FLAGS.max_steps, progress=flags.FLAGS.progress)
+
+
+@command("plot")
+def plot(argv):
+  """dsv4 plot RUN_DIR: write loss/throughput curves of a run as PNG."""
+  from dsv4_jax.train.metrics import plot_run
+  if len(argv) != 2:
+    raise SystemExit("usage: dsv4 plot RUN_DIR")
+  print(plot_run(argv[1]))
+
+
+@command("verify-kernels")
+def verify_kernels(argv):
+  """dsv4 verify-kernels: prove the Pallas kernels' index arithmetic with Z3 (PROVED / counterexample)."""
+  from pallas_kernels.verify import main as verify_main
+  return verify_main()
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:

@@ -11,18 +11,22 @@ Shapes: X [B, S, N, d], mixes [B, S, M], scale [3], base [M]; y [B, S, d], post 
 comb [B, S, N, N]. Same semantics as dsv4_jax.layers.mhc (hc_split + weighted_stream_sum, mhc_post).
 
 Kernel layout: tokens flattened and tiled (grid (B·S / bt,), parallel), X as [tokens, N·d] so stream i
-is the lane range `stream_cols(i, d)`; the N×N Sinkhorn runs on N² columns of [bt, 1] values, all
-iterations unrolled in registers/VMEM, so a token tile never leaves the chip between mixes and y.
+is the lane range `stream_cols(i, d)`; the comb logits are viewed as [bt, N, N] (row-major,
+`comb_col`) and all Sinkhorn iterations run in an in-kernel loop on values in registers/VMEM, so a
+token tile never leaves the chip between mixes and y.
 
-Backward method: the backward kernel recomputes the forward of its token tile and applies `jax.vjp`
-of the same per-tile function inside the kernel, i.e. reverse-mode through the unrolled Sinkhorn
-iterations with their intermediates held in VMEM (no HBM residuals besides the inputs). The pre
-kernel returns dz [tokens, M]; XLA turns it into d mixes = dz·scale_vec, d base = Σ dz and
-d scale = Σ dz·mixes (grouped per scale entry).
+Backward method: the backward kernels recompute the forward of their token tile. The gates and the
+stream sums are differentiated with `jax.vjp` of the same per-tile functions inside the kernel. The
+Sinkhorn backward is recomputation without stored intermediates: for round k (last to first) the
+kernel replays rounds 0..k−1 from the initial normalisation and pulls the cotangent back through round
+k with the vjp of that one round: O(iters²) rounds of N×N arithmetic per token (negligible next to
+the X traffic) and O(1) memory. The pre kernel returns dz [tokens, M]; XLA turns it into
+d mixes = dz·scale_vec, d base = Σ dz and d scale = Σ dz·mixes (grouped per scale entry).
 
 Backends: interpret on CPU (default there); written for TPU Mosaic (lane dims N·d, N, N², M are full
-array dims; d should be a multiple of 128 for aligned stream slices). The [bt, 1] Sinkhorn columns are
-lane-sparse on TPU (correct, not lane-efficient). Not wired for GPU: `interpret=None` raises on GPU.
+array dims; d should be a multiple of 128 for aligned stream slices). The [bt, N²] -> [bt, N, N]
+reshape of the comb logits is a lane-to-sublane relayout that Mosaic may reject (then the Sinkhorn
+must be written on N² lane columns); untested on hardware. Not wired for GPU: `interpret=None` raises on GPU.
 """
 
 from __future__ import annotations
@@ -55,26 +59,32 @@ def token_index_map(ti):
   return (ti, 0)
 
 
+def param_index_map(ti):
+  """The [1, lanes] parameter rows (scale_vec, base) are the same block for every tile."""
+  return (0, 0)
+
+
 def stream_cols(i, d):
   """Lane range [start, stop) of stream i in X [tokens, N·d]."""
   return (i * d, (i + 1) * d)
 
 
-def pre_col(i, n):
-  return i
+def pre_cols(n):
+  """Mixes columns [start, stop) of the pre logits."""
+  return (0, n)
 
 
-def post_col(i, n):
-  return n + i
+def post_cols(n):
+  return (n, 2 * n)
 
 
-def comb_logit_col(i, j, n):
-  """Mixes column of comb logit (i, j) (row-major N×N after the 2N pre/post columns)."""
-  return 2 * n + i * n + j
+def comb_cols(n):
+  """Mixes columns of the N×N comb logits, row-major: logit (i, j) at comb_cols(n)[0] + comb_col(i, j, n)."""
+  return (2 * n, 2 * n + n * n)
 
 
 def comb_col(i, j, n):
-  """Column of comb[i, j] in the [tokens, N²] comb output."""
+  """Row-major position of comb[i, j] in an N² row (mixes comb logits and the comb output alike)."""
   return i * n + j
 
 
@@ -82,32 +92,43 @@ def mix_count(n):
   return (2 + n) * n
 
 
-# ---- per-tile math (values, fp32); used by the forward kernels and, through jax.vjp, the backward ----
+# ---- per-tile math (values, fp32) ----
 
-def _split_tile(z, n, iters, eps):
-  """z [bt, M] -> pre [bt, N], post [bt, N], comb [bt, N²]."""
-  col = lambda c: z[:, c:c + 1]
-  pre = jnp.concatenate([jax.nn.sigmoid(col(pre_col(i, n))) + eps for i in range(n)], axis=1)
-  post = jnp.concatenate([2.0 * jax.nn.sigmoid(col(post_col(i, n))) for i in range(n)], axis=1)
-  c = [[col(comb_logit_col(i, j, n)) for j in range(n)] for i in range(n)]
-  for i in range(n):  # softmax over j (the max is a constant shift: no gradient needed through it)
-    m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, c[i]))
-    e = [jnp.exp(v - m) for v in c[i]]
-    total = sum(e[1:], e[0])
-    c[i] = [v / total + eps for v in e]
+def _cols(z, span):
+  return z[:, span[0]:span[1]]
 
-  def normalise_cols(c):
-    sums = [sum((c[i][j] for i in range(1, n)), c[0][j]) + eps for j in range(n)]
-    return [[c[i][j] / sums[j] for j in range(n)] for i in range(n)]
 
-  def normalise_rows(c):
-    return [[v / (sum(row[1:], row[0]) + eps) for v in row] for row in c]
+def _normalise_cols(c, eps):
+  return c / (jnp.sum(c, axis=1, keepdims=True) + eps)
 
-  c = normalise_cols(c)
-  for _ in range(iters - 1):
-    c = normalise_cols(normalise_rows(c))
-  comb = jnp.concatenate([c[i][j] for i in range(n) for j in range(n)], axis=1)
-  return pre, post, comb
+
+def _sinkhorn_init(logits, eps):
+  """[bt, N, N] logits -> softmax over j, + eps, then the first column normalisation."""
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=2, keepdims=True)))
+  return _normalise_cols(e / jnp.sum(e, axis=2, keepdims=True) + eps, eps)
+
+
+def _sinkhorn_round(c, eps):
+  """One row normalisation then one column normalisation."""
+  return _normalise_cols(c / (jnp.sum(c, axis=2, keepdims=True) + eps), eps)
+
+
+def _sinkhorn(logits, iters, eps):
+  return jax.lax.fori_loop(0, iters - 1, lambda _, c: _sinkhorn_round(c, eps), _sinkhorn_init(logits, eps))
+
+
+def _sinkhorn_vjp(logits, dcomb, iters, eps):
+  """d logits of Sinkhorn by recomputation: for each round, replay the forward up to it (O(iters²)
+  tiny rounds, no stored intermediates) and pull the cotangent back through that round."""
+  c0 = _sinkhorn_init(logits, eps)
+
+  def back(r, g):
+    k = iters - 2 - r
+    c_k = jax.lax.fori_loop(0, k, lambda _, c: _sinkhorn_round(c, eps), c0)
+    return jax.vjp(lambda c: _sinkhorn_round(c, eps), c_k)[1](g)[0]
+
+  g0 = jax.lax.fori_loop(0, iters - 1, back, dcomb)
+  return jax.vjp(lambda lg: _sinkhorn_init(lg, eps), logits)[1](g0)[0]
 
 
 def _stream(x, i, d):
@@ -115,11 +136,16 @@ def _stream(x, i, d):
   return x[:, start:stop]
 
 
-def _pre_tile(z, x, n, d, iters, eps):
-  """-> y [bt, d] (fp32), post, comb."""
-  pre, post, comb = _split_tile(z, n, iters, eps)
+def _gates(z, x, n, d, eps):
+  """pre/post gates and y = Σ_i pre_i X_i from z [bt, M] and X [bt, N·d] -> (y [bt, d], post [bt, N])."""
+  pre = jax.nn.sigmoid(_cols(z, pre_cols(n))) + eps
+  post = 2.0 * jax.nn.sigmoid(_cols(z, post_cols(n)))
   y = sum((pre[:, i:i + 1] * _stream(x, i, d) for i in range(1, n)), pre[:, 0:1] * _stream(x, 0, d))
-  return y, post, comb
+  return y, post
+
+
+def _comb_logits(z, n):
+  return _cols(z, comb_cols(n)).reshape(z.shape[0], n, n)  # row-major: comb_col(i, j, n)
 
 
 def _post_tile(y, x, post, comb, n, d):
@@ -137,18 +163,22 @@ def _post_tile(y, x, post, comb, n, d):
 
 def _pre_kernel(mix_ref, scale_ref, base_ref, x_ref, y_ref, post_ref, comb_ref, *, n, d, iters, eps):
   z = mix_ref[...] * scale_ref[...] + base_ref[...]
-  y, post, comb = _pre_tile(z, x_ref[...].astype(jnp.float32), n, d, iters, eps)
+  y, post = _gates(z, x_ref[...].astype(jnp.float32), n, d, eps)
   y_ref[...] = y.astype(y_ref.dtype)
   post_ref[...] = post
-  comb_ref[...] = comb
+  comb_ref[...] = _sinkhorn(_comb_logits(z, n), iters, eps).reshape(z.shape[0], n * n)
 
 
 def _pre_grad_kernel(mix_ref, scale_ref, base_ref, x_ref, dy_ref, dpost_ref, dcomb_ref, dz_ref, dx_ref, *,
                      n, d, iters, eps):
   z = mix_ref[...] * scale_ref[...] + base_ref[...]
-  _, vjp = jax.vjp(lambda z_, x_: _pre_tile(z_, x_, n, d, iters, eps), z, x_ref[...].astype(jnp.float32))
-  dz, dx = vjp((dy_ref[...].astype(jnp.float32), dpost_ref[...], dcomb_ref[...]))
-  dz_ref[...] = dz
+  _, gates_vjp = jax.vjp(lambda z_, x_: _gates(z_, x_, n, d, eps), z, x_ref[...].astype(jnp.float32))
+  dz_gates, dx = gates_vjp((dy_ref[...].astype(jnp.float32), dpost_ref[...]))
+  dcomb = dcomb_ref[...].reshape(z.shape[0], n, n)
+  dlogits = _sinkhorn_vjp(_comb_logits(z, n), dcomb, iters, eps).reshape(z.shape[0], n * n)
+  start, stop = comb_cols(n)
+  dz_ref[...] = dz_gates
+  dz_ref[:, start:stop] += dlogits
   dx_ref[...] = dx
 
 
@@ -180,7 +210,7 @@ def _rows(a, tokens_padded):
 def _call(kernel, name, inputs, outputs, tokens_padded, bt, interpret):
   """inputs: [tokens_padded | 1, lanes] arrays (1-row arrays are broadcast params); outputs: (lanes, dtype)."""
   spec = lambda lanes: pl.BlockSpec((bt, lanes), token_index_map)
-  param = lambda lanes: pl.BlockSpec((1, lanes), lambda ti: (0, 0))
+  param = lambda lanes: pl.BlockSpec((1, lanes), param_index_map)
   in_specs = [param(a.shape[1]) if a.shape[0] == 1 else spec(a.shape[1]) for a in inputs]
   return kernel_call(kernel, grid=grid(tokens_padded, bt), in_specs=in_specs,
                      out_specs=[spec(lanes) for lanes, _ in outputs],

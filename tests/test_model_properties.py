@@ -50,18 +50,17 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def forwards(model):
-  return {mode: forward_fn(model, attention_mode=mode) for mode in ("sparse", "dense")}
+def forward(model):
+  return forward_fn(model, attention_mode="sparse")
 
 
 # --- causality ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_causality(forwards, mode):
+def check_causality(forward, seq, cut_points, mode):
   rng = np.random.default_rng(1)
-  base = random_ids(rng, (S,))
-  for p in (70, 150):  # before and after the first HCA block completes (t = 127)
-    out = forwards[mode](jnp.asarray(np.stack([base, perturbed_after(base, p, rng)])))
+  base = random_ids(rng, (seq,))
+  for p in cut_points:
+    out = forward(jnp.asarray(np.stack([base, perturbed_after(base, p, rng)])))
     logits, mtp = np.asarray(out.logits), np.asarray(out.mtp_logits)
     # Logits ≤ p see tokens ≤ p only; mtp_logits[t] also reads token t+1, so mtp_logits < p.
     assert not changed_positions(logits[0, :p + 1], logits[1, :p + 1]).any(), (mode, p)
@@ -69,6 +68,17 @@ def test_causality(forwards, mode):
     # ... and the perturbation is visible right after (the test can fail).
     assert changed_positions(logits[0, p + 1:], logits[1, p + 1:]).all(), (mode, p)
     assert changed_positions(mtp[0, p:], mtp[1, p:]).all(), (mode, p)
+
+
+def test_causality_sparse(forward):
+  """Full tiny model; cut before and after the first HCA block completes (t = 127)."""
+  check_causality(forward, S, (70, 150), "sparse")
+
+
+def test_causality_dense():
+  """Dense CSA attends every visible entry: a CSA layer plus the MTP layer."""
+  model = tiny_model(12, num_hidden_layers=1, compress_ratios=(4, 0))
+  check_causality(forward_fn(model, attention_mode="dense"), 64, (21, 40), "dense")
 
 
 # --- window locality and block completeness (one-layer models) ----------------------------------
@@ -128,7 +138,7 @@ def test_csa_entry_used_only_once_its_block_is_complete(mode):
 
 # --- segment isolation --------------------------------------------------------------------------
 
-def test_packed_documents_match_separate_runs(forwards):
+def test_packed_documents_match_separate_runs(forward):
   """Doc A at 0..199, padding 200..255 (segment 0), doc B at 256..455; positions restart per doc."""
   rng = np.random.default_rng(8)
   docs = random_ids(rng, (2, S))
@@ -141,7 +151,7 @@ def test_packed_documents_match_separate_runs(forwards):
   positions = np.zeros((1, total), np.int32)
   positions[0, :S], positions[0, start_b:] = np.arange(S), np.arange(S)
 
-  fwd = forwards["sparse"]
+  fwd = forward
   packed = fwd(jnp.asarray(ids), segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
   alone = fwd(jnp.asarray(docs))
   logits, mtp = np.asarray(packed.logits)[0], np.asarray(packed.mtp_logits)[0]
@@ -155,12 +165,11 @@ def test_packed_documents_match_separate_runs(forwards):
 
 # --- gradients ----------------------------------------------------------------------------------
 
-def is_indexer(path) -> bool:
-  return "indexer" in path
-
-
 def grads_by_loss(model, ids, mode):
-  """Gradients of (CE + MTP CE + balance losses) and of the indexer KL loss alone w.r.t. every nnx.Param."""
+  """Gradients of (CE + MTP CE + balance losses) and of the indexer KL loss alone w.r.t. every nnx.Param.
+
+  One forward pass, pulled back twice (ragged_dot cannot be vmapped for a batched jacrev).
+  """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def losses(params):
@@ -168,35 +177,46 @@ def grads_by_loss(model, ids, mode):
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], ids[:, 1:]).mean()
     mtp_ce = optax.softmax_cross_entropy_with_integer_labels(out.mtp_logits[:, :-1], ids[:, 2:]).mean()
     main = ce + mtp_ce + out.aux["balance_loss"] + out.aux["mtp_balance_loss"]
-    return main, out.aux["indexer_loss"]
+    loads = jnp.concatenate([out.aux["expert_load"], out.aux["mtp_expert_load"]])
+    return jnp.stack([main, out.aux["indexer_loss"]]), loads
 
   @jax.jit
-  def both(params):
-    main = jax.grad(lambda p: losses(p)[0])(params)
-    index = jax.grad(lambda p: losses(p)[1])(params)
-    return main, index, losses(params)[1]
+  def run(params):
+    values, pullback, loads = jax.vjp(losses, params, has_aux=True)
+    return pullback(jnp.array([1.0, 0.0]))[0], pullback(jnp.array([0.0, 1.0]))[0], values, loads
 
-  main, index, index_loss = both(params)
+  main, index, values, loads = run(params)
   flat = lambda tree: {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(tree)}
-  return flat(main), flat(index), float(index_loss)
+  return flat(main), flat(index), float(values[1]), np.asarray(loads)
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_every_param_gets_gradient_and_indexer_only_from_its_loss(model, mode):
-  ids = jnp.asarray(random_ids(np.random.default_rng(9), (1, S)))
-  main, index, index_loss = grads_by_loss(model, ids, mode)
+def check_gradients(model, ids, mode):
+  main, index, index_loss, loads = grads_by_loss(model, ids, mode)
   assert index_loss > 0
   names = sorted(main)
   assert not [n for n in names if n.endswith("gate.bias") or "tid2eid" in n], "non-trainable state is a Param"
-  indexer_names = [n for n in names if is_indexer(n)]
+  indexer_names = [n for n in names if "indexer" in n]
   assert indexer_names and len(indexer_names) < len(names)
   for name in names:
     g_main, g_index = main[name], index[name]
     assert np.all(np.isfinite(g_main)) and np.all(np.isfinite(g_index)), name
-    trained, untouched = (g_index, g_main) if is_indexer(name) else (g_main, g_index)
+    trained, untouched = (g_index, g_main) if "indexer" in name else (g_main, g_index)
     # The indexer sees stop-gradient inputs and its top-k is not differentiated: the split is exact.
     np.testing.assert_array_equal(untouched, 0.0, err_msg=f"{name}: gradient from the wrong loss")
     assert np.abs(trained).max() > 0, f"{name}: zero gradient"
-    if ".experts." in name:  # stacked experts: every expert is used by some token and trained
+    if ".experts." in name:  # stacked experts: exactly the experts some token was routed to are trained
+      layer = int(name.split(".")[1])
       per_expert = np.abs(trained).reshape(trained.shape[0], -1).max(-1)
-      assert np.all(per_expert > 0), f"{name}: experts {np.flatnonzero(per_expert == 0)} untrained"
+      np.testing.assert_array_equal(per_expert > 0, loads[layer if name.startswith("layers") else -1] > 0,
+                                    err_msg=name)
+
+
+def test_every_param_gets_gradient_and_indexer_only_from_its_loss(model):
+  """Full tiny model (every layer kind), sparse attention."""
+  check_gradients(model, jnp.asarray(random_ids(np.random.default_rng(9), (1, S))), "sparse")
+
+
+def test_gradients_dense_attention():
+  """Dense CSA (warm-up mode) on a CSA-only model plus the MTP layer."""
+  model = tiny_model(10, num_hidden_layers=1, compress_ratios=(4, 0))
+  check_gradients(model, jnp.asarray(random_ids(np.random.default_rng(11), (1, 64))), "dense")

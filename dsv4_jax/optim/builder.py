@@ -22,13 +22,19 @@ def _trainable_mask(tree):
   return jax.tree.map(lambda group: group != FROZEN, param_groups(tree))
 
 
-def build_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformation:
+def build_optimizer(config, params) -> optax.GradientTransformation:
   """The Optax chain for `params` (an nnx.State of nnx.Param, or any pytree with released-name paths).
+
+  `config` is an OptimizerConfig, or any config holding one as `.optimizer` (e.g. the TrainConfig).
 
   `params` is only inspected here (every parameter must match a partition rule, else ValueError);
   `tx.init(params)` / `tx.update(grads, state, params)` take trees of the same structure. `params` is
   required by `update` (weight decay reads the weights).
   """
+  config = getattr(config, "optimizer", config)
+  if not isinstance(config, OptimizerConfig):
+    raise TypeError(f"build_optimizer: expected an OptimizerConfig (or a config with .optimizer), "
+                    f"got {type(config).__name__}")
   param_groups(params)  # fail now, naming the parameter, if any has no rule
   schedule = learning_rate_schedule(config)
   muon = optax.chain(

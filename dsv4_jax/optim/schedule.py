@@ -4,7 +4,8 @@ For step t (0-based: the number of updates applied before this one), peak η, wa
 D = total_steps − tail, tail length T and final fraction f:
   t < W:        η · (t + 1) / W                              (the first step already moves)
   W ≤ t < D:    η
-  t ≥ D:        η · (f + (1 − f) · ½ (1 + cos(π · min(1, (t − D) / T))))   (η at D, f·η at t = total_steps)
+  t ≥ D:        η · (f + (1 − f) · ½ (1 + cos(π · min(1, (t − D) / T))))
+                (η at t = D, f·η from t = total_steps on)
 """
 
 from __future__ import annotations

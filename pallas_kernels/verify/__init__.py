@@ -7,8 +7,8 @@ import sys
 
 def all_properties():
   """Every property of every kernel, as a list of engine.Result."""
-  from pallas_kernels.verify import indexer, sparse_attention
-  return sparse_attention.properties() + indexer.properties()
+  from pallas_kernels.verify import indexer, mhc, sparse_attention
+  return sparse_attention.properties() + indexer.properties() + mhc.properties()
 
 
 def main(argv=None) -> int:

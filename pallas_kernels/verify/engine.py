@@ -38,7 +38,7 @@ class Result:
 
   def line(self) -> str:
     status = "PROVED" if self.proved else f"FAILED  {self.detail}"
-    return f"{self.kernel:<28} {self.prop:<66} {status}"
+    return f"{self.kernel:<28} {self.prop:<72} {status}"
 
 
 class SymbolicRef:

@@ -1,0 +1,155 @@
+"""The training loop behind `dsv4 train`.
+
+Per curriculum stage: a data iterator of that stage's shape (continuing the token stream), one
+compilation per step kind, progress with loss / tokens/s / ETA, periodic validation (loss and bits
+per byte), asynchronous checkpoints. Ctrl-C stops cleanly with a final checkpoint; `resume=True`
+continues from the latest checkpoint exactly (same data, same optimizer state, same curriculum stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4_jax.config import TrainConfig
+from dsv4_jax.data import bits_per_byte, load_tokenizer, make_dataset
+from dsv4_jax.layers.model import Transformer
+from dsv4_jax.optim import build_optimizer
+from dsv4_jax.optim.schedule import learning_rate_schedule
+from dsv4_jax.train import curriculum
+from dsv4_jax.train.checkpoint import TrainCheckpointer
+from dsv4_jax.train.metrics import MetricsWriter
+from dsv4_jax.train.step import TrainState, make_eval_step, make_train_step, split_model
+from dsv4_jax.train.step import MODEL_INPUTS  # noqa: F401  (documented batch keys)
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+  """A hash of everything that must match for a checkpoint to resume this run."""
+  return hashlib.sha256(repr((cfg.model, cfg.data, cfg.optimizer, cfg.curriculum, cfg.tokens_per_batch,
+                              cfg.seed)).encode()).hexdigest()[:16]
+
+
+def init_state(cfg: TrainConfig):
+  """-> (graphdef, TrainState, optimizer): the model built under jit from `cfg.seed`."""
+  model = nnx.jit(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))()
+  graphdef, params, extra = split_model(model)
+  tx = build_optimizer(cfg.optimizer, params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra, opt_state=tx.init(params))
+  return graphdef, state, tx
+
+
+def _to_device(batch: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def evaluate(cfg: TrainConfig, evaluate_fn, state: TrainState, seq_len: int, attention: str, tokenizer) -> dict:
+  """Validation loss (nats/token) and bits per byte over `eval_batches` batches of the held-out split."""
+  it = make_dataset(cfg.data, seq_len, cfg.eval_batch_size, tokenizer, split="validation", num_epochs=1)
+  loss_sum = count = n_bytes = 0.0
+  for _, batch in zip(range(cfg.eval_batches), it):
+    s, c, b = evaluate_fn(state.params, state.extra, _to_device(batch), attention)
+    loss_sum, count, n_bytes = loss_sum + float(s), count + float(c), n_bytes + float(b)
+  return {"loss": loss_sum / max(count, 1.0), "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
+          "tokens": count, "seq_len": seq_len}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = True,
+          log=print) -> dict:
+  """Trains per `cfg`; returns a summary dict. `max_steps` stops early (for tests and smoke runs)."""
+  os.makedirs(cfg.run_dir, exist_ok=True)
+  with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds model.vocab_size {cfg.model.vocab_size}")
+  plans = curriculum.plan(cfg)
+  graphdef, state, tx = init_state(cfg)
+  schedule = learning_rate_schedule(cfg.optimizer)
+  decay_start = cfg.optimizer.decay_start_step
+  step_fn = make_train_step(graphdef, tx, cfg, decay_start)
+  eval_fn = make_eval_step(graphdef)
+  ckpt = TrainCheckpointer(os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.keep_checkpoints,
+                           save_every=cfg.checkpoint_every)
+  metrics = MetricsWriter(cfg.run_dir)
+  fingerprint = config_fingerprint(cfg)
+
+  data_state = None
+  if resume and ckpt.latest_step() is not None:
+    restored, data_state, meta = ckpt.restore(ckpt.latest_step(), state)
+    if meta.get("fingerprint") != fingerprint:
+      raise ValueError(f"--resume: the checkpoint in {cfg.run_dir} was written with a different config "
+                       f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); use a new run_dir")
+    state = restored
+    log(f"resumed from step {int(state.step)} (stage {meta['stage']})")
+
+  total = cfg.optimizer.total_steps if max_steps is None else min(max_steps, cfg.optimizer.total_steps)
+  step = int(state.step)
+  history, last_eval, interrupted = [], None, False
+  start_time, tokens_done = time.time(), 0
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc="train")
+  try:
+    while step < total:
+      plan = curriculum.stage_at(plans, step)
+      log(f"[curriculum] {plan.describe()}")
+      it = make_dataset(cfg.data, plan.stage.seq_len, plan.batch_size, tokenizer, split="train",
+                        shard_index=jax.process_index(), shard_count=jax.process_count())
+      if data_state is not None:
+        it.set_state(data_state)
+      window_start, window_tokens = time.time(), 0.0
+      while step < min(plan.end, total):
+        batch = _to_device(next(it))
+        state, m = step_fn(state, batch, plan.kind(step))
+        step += 1
+        window_tokens += float(m["tokens"])
+        if step % cfg.log_every == 0 or step == total:
+          elapsed = time.time() - window_start
+          values = {k: float(v) for k, v in m.items() if k != "loss_sum"}
+          values.update(lr=float(schedule(step - 1)), tokens_per_second=window_tokens / max(elapsed, 1e-9),
+                        seq_len=plan.stage.seq_len)
+          metrics.write(step, "train", values)
+          history.append(values)
+          tokens_done += window_tokens
+          window_start, window_tokens = time.time(), 0.0
+          if bar is not None:
+            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}")
+        if bar is not None:
+          bar.update(1)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+          last_eval = evaluate(cfg, eval_fn, state, plan.stage.seq_len, plan.kind(step - 1).attention, tokenizer)
+          metrics.write(step, "eval", last_eval)
+          log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
+        data_state = it.get_state()
+        ckpt.save(step, state, data_state, {"stage": plan.index, "fingerprint": fingerprint})
+  except KeyboardInterrupt:
+    interrupted = True
+    log(f"interrupted at step {step}: saving a final checkpoint")
+  finally:
+    if bar is not None:
+      bar.close()
+    if data_state is not None and step > 0:
+      plan = curriculum.stage_at(plans, step - 1)
+      ckpt.save(step, state, data_state, {"stage": plan.index, "fingerprint": fingerprint}, force=True)
+    ckpt.close()
+    metrics.close()
+
+  elapsed = time.time() - start_time
+  summary = {"steps": step, "interrupted": interrupted, "seconds": elapsed,
+             "tokens_per_second": tokens_done / max(elapsed, 1e-9),
+             "final_loss": history[-1]["loss"] if history else math.nan, "history": history,
+             "eval": last_eval}
+  if last_eval:
+    log(f"done: {step} steps in {elapsed:.0f}s, train loss {summary['final_loss']:.4f}, "
+        f"validation {last_eval['bits_per_byte']:.4f} bits/byte")
+  return summary

@@ -1,0 +1,69 @@
+"""Metrics sinks: JSONL (one object per line), TensorBoard, and the `dsv4 plot` curves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsWriter:
+  """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard event files in `<run_dir>/tb`."""
+
+  def __init__(self, run_dir: str, tensorboard: bool = True):
+    os.makedirs(run_dir, exist_ok=True)
+    self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    self.tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+  def write(self, step: int, kind: str, values: dict) -> None:
+    record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in values.items()}}
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+
+  def close(self) -> None:
+    self.file.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run directory?)")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(run_dir: str, out: str | None = None) -> str:
+  """Writes loss and throughput curves of a run to a PNG; returns its path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(run_dir)
+  train = [r for r in records if r["kind"] == "train"]
+  val = [r for r in records if r["kind"] == "eval"]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (nats/token)")
+  if val:
+    axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
+    twin = axes[0].twinx()
+    twin.plot([r["step"] for r in val], [r["bits_per_byte"] for r in val], "s--", color="tab:red",
+              label="validation bits/byte")
+    twin.set_ylabel("bits per byte")
+    twin.legend(loc="upper center")
+  axes[0].set_xlabel("step")
+  axes[0].legend()
+  axes[1].plot([r["step"] for r in train], [r.get("tokens_per_second", 0) for r in train])
+  axes[1].set_xlabel("step")
+  axes[1].set_ylabel("tokens / s")
+  fig.tight_layout()
+  out = out or os.path.join(run_dir, "curves.png")
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
