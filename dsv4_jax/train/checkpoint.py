@@ -19,13 +19,34 @@ class CheckpointRestoreError(RuntimeError):
   """A checkpoint exists but cannot be restored into the current training state."""
 
 
+def _key_name(entry) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flatten_named(tree) -> dict[str, Any]:
+  """A pytree -> {"params.layers.0.attn.wq_a.weight.value": leaf, ...} (stable, readable names)."""
+  return {".".join(_key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_named(named: dict[str, Any], target):
+  """Inverse of flatten_named, into the structure of `target`."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+  return jax.tree_util.tree_unflatten(treedef, [named[".".join(_key_name(k) for k in p)] for p, _ in paths])
+
+
 class TrainCheckpointer:
 
   def __init__(self, directory: str, *, keep: int, save_every: int):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                            enable_async_checkpointing=True, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.save_every = save_every
 
   def latest_step(self) -> int | None:
@@ -38,7 +59,7 @@ class TrainCheckpointer:
     if step in self.manager.all_steps():
       return False
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.StandardSave(flatten_named(state)), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, target) -> tuple[Any, dict, dict]:
@@ -50,27 +71,25 @@ class TrainCheckpointer:
     missing = [item for item in ("state", "data", "meta") if not os.path.exists(os.path.join(path, item))]
     if missing:
       raise CheckpointRestoreError(f"checkpoint {path}: missing item(s) {missing}")
-    stored = self.manager.item_metadata(step)["state"]
-    self._check_shapes(stored, target, path)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    target_named = flatten_named(target)
+    self._check_shapes(self.manager.item_metadata(step)["state"], target_named, path)
+    abstract = {k: ocp.utils.to_shape_dtype_struct(v) for k, v in target_named.items()}
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax reports structure mismatches in many forms: name the checkpoint.
       raise CheckpointRestoreError(f"checkpoint {path}: cannot restore into the current model/optimizer "
                                    f"({type(e).__name__}: {e})") from e
-    return restored["state"], restored["data"], restored["meta"]
+    return unflatten_named(restored["state"], target), restored["data"], restored["meta"]
 
   @staticmethod
-  def _check_shapes(stored, target, path: str) -> None:
-    stored_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  def _check_shapes(stored: dict, target: dict, path: str) -> None:
     problems = []
-    for key, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-      name = jax.tree_util.keystr(key)
-      if name not in stored_flat:
+    for name, leaf in target.items():
+      if name not in stored:
         problems.append(f"missing {name}")
         continue
-      shape = tuple(getattr(stored_flat[name], "shape", ()) or ())
+      shape = tuple(getattr(stored[name], "shape", ()) or ())
       if shape != tuple(np.shape(leaf)):
         problems.append(f"{name}: checkpoint has shape {shape}, the model expects {tuple(np.shape(leaf))}")
     if problems:

@@ -35,8 +35,9 @@ class StagePlan:
   def describe(self) -> str:
     s = self.stage
     warm = f", indexer warm-up {s.indexer_warmup_steps} steps" if s.indexer_warmup_steps else ""
-    return (f"stage {self.index} {s.name or ''}: seq_len {s.seq_len}, batch {self.batch_size}, "
-            f"steps {self.start}..{self.end - 1}, {s.attention} attention{warm}").replace("  ", " ")
+    name = f" ({s.name})" if s.name else ""
+    return (f"stage {self.index}{name}: seq_len {s.seq_len}, batch {self.batch_size}, "
+            f"steps {self.start}..{self.end - 1}, {s.attention} attention{warm}")
 
 
 def plan(cfg: TrainConfig) -> list[StagePlan]:

@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
              "tokens_per_second": tokens_done / max(elapsed, 1e-9),
              "final_loss": history[-1]["loss"] if history else math.nan, "history": history,
              "eval": last_eval}
-  if last_eval:
-    log(f"done: {step} steps in {elapsed:.0f}s, train loss {summary['final_loss']:.4f}, "
-        f"validation {last_eval['bits_per_byte']:.4f} bits/byte")
+  validation = f", validation {last_eval['bits_per_byte']:.4f} bits/byte" if last_eval else ""
+  log(f"done: {step} steps in {elapsed:.0f}s, {summary['tokens_per_second']:.0f} tokens/s, "
+      f"train loss {summary['final_loss']:.4f}{validation}")
   return summary

@@ -56,8 +56,12 @@ def router_bias_paths(cfg) -> tuple[list[tuple], list[tuple]]:
   return main, mtp
 
 
-def _is_indexer(path) -> bool:
-  return "indexer" in path
+def _only_indexer(tree):
+  """Zeros every leaf of `tree` outside the lightning indexers."""
+  def keep(key_path, x):
+    return x if "'indexer'" in jax.tree_util.keystr(key_path) else jnp.zeros_like(x)
+
+  return jax.tree_util.tree_map_with_path(keep, tree)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, decay_start: int):
@@ -79,13 +83,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
   def step(state: TrainState, batch: dict, kind: StepKind):
     grads, (losses, (loads, mtp_loads)) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.extra, batch, kind, state.step)
-    if kind.indexer_only:  # indexer warm-up: everything else stays frozen
-      grads = nnx.State.from_flat_path(
-          [(p, g if _is_indexer(p) else jnp.zeros_like(g)) for p, g in nnx.to_flat_state(grads)])
+    if kind.indexer_only:  # indexer warm-up: everything else stays frozen (weight decay included)
+      grads = _only_indexer(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if kind.indexer_only:
-      updates = nnx.State.from_flat_path(
-          [(p, u if _is_indexer(p) else jnp.zeros_like(u)) for p, u in nnx.to_flat_state(updates)])
+      updates = _only_indexer(updates)
     params = optax.apply_updates(state.params, updates)
     extra = state.extra
     if not kind.indexer_only:

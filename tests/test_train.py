@@ -1,0 +1,118 @@
+"""Training: bit-exact resume across processes and a curriculum boundary, losses, aux-free balancing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from dsv4_jax.config import TrainConfig
+from dsv4_jax.train import curriculum
+from dsv4_jax.train.losses import cross_entropy, mtp_mask
+from dsv4_jax.train.step import balance_router_bias
+from helpers import tiny_config
+
+SMALL_RUN = {
+    "model": dict(vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=32,
+                  q_lora_rank=16, o_groups=2, o_lora_rank=8, qk_rope_head_dim=8, sliding_window=16,
+                  compress_ratios=[4, 128, 0], index_n_heads=4, index_head_dim=16, index_topk=4,
+                  n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=0,
+                  attention_chunk_size=128),
+    "data": {"source": "stdlib", "prefetch_batches": 0, "num_threads": 1},
+    "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2},
+    "curriculum": [{"seq_len": 128, "steps": 3, "attention": "dense"},
+                   {"seq_len": 256, "steps": 2, "attention": "sparse", "indexer_warmup_steps": 1}],
+    "train": {"tokens_per_batch": 512, "log_every": 1, "eval_every": 0, "checkpoint_every": 2,
+              "keep_checkpoints": 2},
+}
+
+
+def _run(config_path, run_dir, cache_dir, *flags):
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  cmd = [sys.executable, "-m", "dsv4_jax.cli", "train", f"--config={config_path}",
+         f"--set=train.run_dir={run_dir}", "--noprogress", *flags]
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def _losses(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: (r["total"], r["loss"]) for r in records if r["kind"] == "train"}
+
+
+def test_resume_is_bit_exact_across_processes_and_a_stage_boundary(tmp_path):
+  config = tmp_path / "run.yaml"
+  config.write_text(yaml.safe_dump(SMALL_RUN))
+  total = TrainConfig.from_yaml(config).total_steps
+  assert total == 3 + 2 + 1
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  out = _run(config, straight, tmp_path / "cache")
+  assert "[curriculum] stage 1" in out
+  _run(config, split, tmp_path / "cache", "--max_steps=2")   # stops inside stage 0
+  _run(config, split, tmp_path / "cache", "--resume", "--max_steps=4")  # crosses into stage 1
+  _run(config, split, tmp_path / "cache", "--resume")  # finishes stage 1 (indexer warm-up included)
+  a, b = _losses(straight), _losses(split)
+  assert sorted(a) == list(range(1, total + 1)) and sorted(b) == sorted(a)
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])
+
+
+def test_stage_plan_keeps_tokens_per_batch():
+  cfg = TrainConfig.from_dict(SMALL_RUN)
+  plans = curriculum.plan(cfg)
+  assert [(p.start, p.end, p.batch_size) for p in plans] == [(0, 3, 4), (3, 6, 2)]
+  assert plans[1].kind(3).indexer_only and plans[1].kind(3).attention == "dense"
+  assert plans[1].kind(4) == curriculum.StepKind("sparse", True, False)
+  assert cfg.optimizer.total_steps == 6
+
+
+def test_bad_train_config_is_named():
+  bad = dict(SMALL_RUN, train={"tokens_per_batch": 512, "log_evry": 3})
+  with pytest.raises(ValueError, match=r"unknown train keys \['log_evry'\]"):
+    TrainConfig.from_dict(bad)
+  bad = dict(SMALL_RUN, curriculum=[{"seq_len": 100, "steps": 3}])
+  with pytest.raises(ValueError, match="seq_len 100 is not a multiple of data.align 128"):
+    TrainConfig.from_dict(bad)
+
+
+def test_cross_entropy_and_mtp_mask_closed_form():
+  logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+  mean, total, count = cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1.0, 0.0]]))
+  assert np.isclose(mean, np.log(2)) and count == 1
+  seg = jnp.array([[1, 1, 2, 2, 0]])
+  mask = jnp.array([[1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(mtp_mask(mask, seg), [[True, False, True, False]])
+
+
+def test_aux_free_bias_update_reduces_imbalance():
+  """A router skewed toward expert 0: repeated bias updates (speed 1e-3) even out the loads."""
+  from dsv4_jax.layers.moe import Gate
+  cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2)
+  gate = Gate(cfg, hash_routed=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (512, cfg.hidden_size))
+  skew = jnp.zeros((8, cfg.hidden_size)).at[0].set(jnp.mean(x, 0) * 3).at[1].set(jnp.mean(x, 0) * 2)
+  gate.weight[...] = gate.weight[...] + skew
+  graphdef, params, extra = nnx.split(gate, nnx.Param, ...)
+  path = [("bias",)]
+
+  @jax.jit
+  def step(extra):
+    ids, _, _ = nnx.merge(graphdef, params, extra)(x, jnp.zeros(512, jnp.int32))
+    load = jnp.bincount(ids.reshape(-1), length=8).astype(jnp.float32)
+    return balance_router_bias(extra, load[None], 1e-3, path), load
+
+  imbalance = []
+  for _ in range(400):
+    extra, load = step(extra)
+    imbalance.append(float(load.max() / load.mean()))
+  assert imbalance[0] > 2.0, imbalance[0]
+  assert np.mean(imbalance[-20:]) < 0.6 * imbalance[0], (imbalance[0], imbalance[-20:])
