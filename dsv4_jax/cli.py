@@ -72,6 +72,74 @@ def verify_kernels(argv):
   return verify_main()
 
 
+@command("generate")
+def generate(argv):
+  """dsv4 generate --checkpoint DIR --prompt TEXT [--max_new_tokens --temperature --top_p --top_k --seed]: stream text."""
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "checkpoint directory (config.json + safetensors)", required=True)
+  flags.DEFINE_string("prompt", None, "prompt text", required=True)
+  flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
+  flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 = greedy")
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
+  flags.DEFINE_integer("top_k", 0, "keep only the k most likely tokens (0 = off)")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_multi_integer("stop_token", [], "extra stop token ids (the tokenizer's EOS always stops)")
+  flags.DEFINE_string("dtype", "float32", "parameter / compute dtype: float32 or bfloat16")
+  flags.DEFINE_string("cache_storage", None, "KV cache storage: float32, bf16 or mixed (default: dtype)")
+  flags.FLAGS(argv)
+  import os
+  import time
+  from dsv4_jax.convert import load_model
+  from dsv4_jax.data import ByteTokenizer, HFTokenizer
+  from dsv4_jax.inference.sampling import stream
+
+  fl = flags.FLAGS
+  model = load_model(fl.checkpoint, dtype=fl.dtype)
+  has_tokenizer = os.path.exists(os.path.join(fl.checkpoint, "tokenizer.json"))
+  tokenizer = HFTokenizer(fl.checkpoint) if has_tokenizer else ByteTokenizer()
+  prompt = [int(i) for i in tokenizer.encode(fl.prompt)]
+  if not prompt:
+    raise SystemExit("--prompt: the prompt encodes to no tokens")
+  limit = min(tokenizer.vocab_size, model.cfg.vocab_size)
+  if max(prompt) >= model.cfg.vocab_size:
+    raise SystemExit(f"--prompt: token id {max(prompt)} is outside the model's vocabulary ({model.cfg.vocab_size})")
+  print(fl.prompt, end="", flush=True)
+  generated, shown = [], ""
+  start = time.perf_counter()
+  for tokens in stream(model, [prompt], max_new_tokens=fl.max_new_tokens, temperature=fl.temperature,
+                       top_k=fl.top_k, top_p=fl.top_p, seed=fl.seed,
+                       stop_tokens=[tokenizer.eos_id] + list(fl.stop_token), storage=fl.cache_storage):
+    token = int(tokens[0])
+    if token < 0:
+      break
+    generated.append(token)
+    text = tokenizer.decode([t for t in generated if t < limit])
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+      continue
+    print(text[len(shown):], end="", flush=True)
+    shown = text
+  elapsed = time.perf_counter() - start
+  text = tokenizer.decode([t for t in generated if t < limit])
+  print(text[len(shown):], flush=True)
+  print(f"[{len(generated)} tokens in {elapsed:.2f} s, compilation included]", file=sys.stderr)
+
+
+@command("cache-size")
+def cache_size(argv):
+  """dsv4 cache-size --config flash|pro|PATH --context N [--storage bf16|mixed]: KV cache bytes vs baselines."""
+  from absl import flags
+  flags.DEFINE_string("config", "flash", "flash, pro, a YAML config or a hub config.json")
+  flags.DEFINE_integer("context", 1 << 20, "context length in tokens")
+  flags.DEFINE_enum("storage", "mixed", ["bf16", "mixed", "float32"],
+                    "cache storage: bf16, or mixed (FP8 non-RoPE dims + BF16 RoPE dims, as released)")
+  flags.FLAGS(argv)
+  from dsv4_jax.inference.cache_size import format_report, load_config, report
+
+  fl = flags.FLAGS
+  cfg = load_config(fl.config)
+  print(format_report(cfg, report(cfg, fl.context, fl.storage), fl.config))
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:

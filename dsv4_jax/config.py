@@ -132,6 +132,11 @@ class ModelConfig:
     need(self.kernels in _KERNELS, f"kernels: expected one of {_KERNELS}, got {self.kernels!r}")
     need(self.dtype in _DTYPES, f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
     need(self.param_dtype in _DTYPES, f"param_dtype: expected one of {_DTYPES}, got {self.param_dtype!r}")
+    if self.qat:  # FP8 KV sim in blocks of 64 on the non-RoPE dims; Hadamard + FP4 in blocks of 32
+      nope = self.head_dim - self.qk_rope_head_dim
+      need(nope % 64 == 0, f"qat: head_dim − qk_rope_head_dim ({nope}) must be a multiple of 64 (FP8 blocks)")
+      need(self.index_head_dim % 32 == 0 and not self.index_head_dim & (self.index_head_dim - 1),
+           f"qat: index_head_dim must be a power of two ≥ 32 (Hadamard, FP4 blocks), got {self.index_head_dim}")
 
   # --- loading -------------------------------------------------------------------------------
   @classmethod

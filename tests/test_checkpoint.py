@@ -41,7 +41,7 @@ def _edit_tensor(path, name, fn):
 def test_round_trip_gives_identical_logits(saved):
   model, path = saved
   assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 1
-  loaded = load_model(path)
+  loaded = load_model(path, attention_chunk_size=model.cfg.attention_chunk_size)  # not in config.json
   ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 150))
   np.testing.assert_array_equal(np.asarray(forward_fn(loaded)(ids).logits),
                                 np.asarray(forward_fn(model)(ids).logits))
@@ -97,16 +97,18 @@ def test_misshaped_tensor(saved, tmp_path):
     load_model(path)
 
 
-def test_quantised_tensors_are_named(saved, tmp_path):
+def test_scale_for_unquantised_weight_is_named(saved, tmp_path):
+  """Block scales are only valid beside FP8 / FP4 weights (quantised loading: test_quantized_checkpoint.py)."""
   path = _copy(saved[1], tmp_path)
   name = "layers.3.attn.wq_a.weight"
 
   def add_scale(tensors, index):
-    tensors[name + ".scale"] = np.ones((1, 1), np.float32)
-    index["weight_map"][name.replace("weight", "scale")] = index["weight_map"][name]
+    tensors["layers.3.attn.wq_a.scale"] = np.ones((1, 1), np.float32)
+    index["weight_map"]["layers.3.attn.wq_a.scale"] = index["weight_map"][name]
 
   _edit_tensor(path, name, add_scale)
-  with pytest.raises(CheckpointError, match=r"FP8/FP4.*layers\.3\.attn\.wq_a\.scale"):
+  with pytest.raises(CheckpointError, match=r"layers\.3\.attn\.wq_a\.scale: block scales given for "
+                                            r"layers\.3\.attn\.wq_a\.weight, which is stored as F32"):
     load_model(path)
 
 

@@ -3,6 +3,8 @@
 A checkpoint directory holds `config.json`, one or more `*.safetensors` shards and (for several
 shards) `model.safetensors.index.json` mapping each tensor name to its shard. Tensor names are the
 released ones (`layers.3.attn.compressor.wkv.weight`, `layers.0.ffn.experts.17.w1.weight`, …).
+Quantised weights carry block scales beside them (`layers.3.attn.wq_a.weight` F8_E4M3 with
+`layers.3.attn.wq_a.scale`; see `dsv4_jax.convert.quant`); `tid2eid` may be int64 or int32.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.convert.names import from_released, path_to_name, to_released
+from dsv4_jax.convert.names import path_to_name, to_released
+from dsv4_jax.convert.quant import FP4_BLOCK, FP8_BLOCK, StoredTensor, fp4_scale_shape, fp8_scale_shape
+from dsv4_jax.convert.safetensors_reader import SafetensorsFile
 from dsv4_jax.layers.model import Transformer
+from dsv4_jax.parallel.mesh import logical_to_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 # The MTP block shares the main embedding and head; some exports repeat them under mtp.N.
@@ -105,33 +110,114 @@ def _weight_map(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
   weight_map = {}
   for file in files:
-    with safe_open(os.path.join(path, file), framework="numpy") as f:
-      weight_map.update({name: file for name in f.keys()})
+    weight_map.update({name: file for name in SafetensorsFile(os.path.join(path, file)).keys()})
   return weight_map
+
+
+def _scale_names(weight: str) -> tuple[str, ...]:
+  """Where a weight's block scales may be stored: `<name>.scale` (released) or `<name>.weight_scale_inv`."""
+  if not weight.endswith(".weight"):
+    return ()
+  return (weight[: -len("weight")] + "scale", weight + "_scale_inv")
 
 
 def _check_names(expected: dict, found: Iterable[str], path: str) -> None:
   found = set(found)
-  quantised = sorted(n for n in found if n.endswith(".scale"))
-  if quantised:
-    raise CheckpointError(
-        f"{path}: FP8/FP4 quantised tensors are not supported by this loader yet "
-        f"(tensors with block scales: {quantised[:8]}{' …' if len(quantised) > 8 else ''})")
+  scales = {s for name in expected for s in _scale_names(name)}
   missing = sorted(set(expected) - found)
-  unexpected = sorted(n for n in found - set(expected) if not _SHARED_ALIASES.match(n))
+  unexpected = sorted(n for n in found - set(expected) - scales if not _SHARED_ALIASES.match(n))
   problems = [f"missing tensor {n}: expected shape {expected[n][0]}" for n in missing]
   problems += [f"unexpected tensor {n}" for n in unexpected]
   if problems:
     raise CheckpointError(f"{path}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
 
 
+def _stored_tensor(name: str, shape: tuple[int, ...], target_is_float: bool, file: SafetensorsFile,
+                   scale_file: SafetensorsFile | None, scale_name: str | None, problems: list[str]):
+  """Classifies one released tensor as plain / fp8 / fp4 and checks its (and its scale's) shape."""
+  kind, stored = file.dtype(name), file.shape(name)
+  quantised = len(shape) == 2 and target_is_float
+  if quantised and kind == "F8_E4M3":
+    fmt, stored_expected, scale_expected = "fp8", shape, fp8_scale_shape(shape)
+    what = f"FP8 e4m3 with {FP8_BLOCK}×{FP8_BLOCK} block scales"
+  elif quantised and kind in ("I8", "U8", "F4"):
+    fmt, scale_expected = "fp4", fp4_scale_shape(shape)
+    stored_expected = shape if kind == "F4" else (shape[0], shape[1] // 2)
+    what = f"FP4 e2m1 packed two per byte with 1×{FP4_BLOCK} block scales"
+    if shape[1] % FP4_BLOCK:
+      problems.append(f"{name}: FP4 weights need an input dim divisible by {FP4_BLOCK}, got {shape}")
+      return None
+  else:
+    fmt, stored_expected, scale_expected, what = "plain", shape, None, ""
+  if stored != stored_expected:
+    detail = f" ({what} of logical shape {shape})" if fmt == "fp4" and kind != "F4" else ""
+    problems.append(f"{name}: expected {stored_expected}{detail}, got {stored}")
+    return None
+  if fmt == "plain":
+    if scale_name is not None:
+      problems.append(f"{scale_name}: block scales given for {name}, which is stored as {kind}; "
+                      "only F8_E4M3 and packed FP4 (I8/U8/F4) weights take scales")
+      return None
+    return StoredTensor(name, file.get(name), fmt, shape)
+  if scale_name is None:
+    problems.append(f"{name} is stored as {kind} ({what}) but its scale tensor {_scale_names(name)[0]} "
+                    f"is missing: expected shape {scale_expected}")
+    return None
+  if scale_file.shape(scale_name) != scale_expected:
+    problems.append(f"{scale_name}: expected shape {scale_expected} ({what} for {name} of shape {shape}), "
+                    f"got {scale_file.shape(scale_name)}")
+    return None
+  return StoredTensor(name, file.get(name), fmt, shape, scale_file.get(scale_name))
+
+
+def _plan(expected: dict, weight_map: dict[str, str], path: str) -> dict[str, StoredTensor]:
+  """Opens every shard (memory-mapped) and describes how to read each expected tensor."""
+  files: dict[str, SafetensorsFile] = {}
+
+  def open_file(file: str) -> SafetensorsFile:
+    if file not in files:
+      files[file] = SafetensorsFile(os.path.join(path, file))
+    return files[file]
+
+  plan, problems = {}, []
+  for name, (shape, dtype) in expected.items():
+    scale_name = next((s for s in _scale_names(name) if s in weight_map), None)
+    scale_file = open_file(weight_map[scale_name]) if scale_name else None
+    target_is_float = np.issubdtype(np.dtype(dtype), np.floating) or dtype == "bfloat16"
+    stored = _stored_tensor(name, shape, target_is_float, open_file(weight_map[name]), scale_file,
+                            scale_name, problems)
+    if stored is not None:
+      plan[name] = stored
+  if problems:
+    raise CheckpointError(f"{path}: tensors of the wrong shape or format:\n  " + "\n  ".join(problems))
+  return plan
+
+
+def _reader(plan: dict[str, StoredTensor], released: list[str], stacked: bool, target: np.dtype):
+  """index -> the parameter's values at `index`, reading only that slice (only those experts)."""
+
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    if stacked:
+      experts = range(len(released))[index[0]]
+      value = np.stack([plan[released[e]].read(index[1:]) for e in experts])
+    else:
+      value = plan[released[0]].read(index)
+    return value.astype(target)
+
+  return read
+
+
 def load_model(path: str | os.PathLike, *, dtype: str = "float32", qat: bool = False,
-               **config_overrides) -> Transformer:
+               mesh: jax.sharding.Mesh | None = None, **config_overrides) -> Transformer:
   """Loads a checkpoint directory in the released layout into a `Transformer`.
 
-  dtype: the parameter and compute dtype ("float32" or "bfloat16"). qat: simulate the released
-  model's FP8 KV / FP4 indexer quantisation. Other keyword arguments override config fields.
-  Raises CheckpointError naming every missing, unexpected or mis-shaped tensor.
+  Tensors may be fp32 / bf16, FP8 e4m3 with 128×128 block scales, or FP4 e2m1 (experts) packed two
+  per byte with 1×32 block scales (scales ue8m0 or fp32); they are dequantised to `dtype`
+  ("float32" or "bfloat16", also the compute dtype). qat: simulate the released model's FP8 KV /
+  FP4 indexer quantisation. mesh: place every parameter straight onto its sharding from the logical
+  axis rules; each device's slice is read from the memory-mapped shards on its own, so the host never
+  holds the whole model. Other keyword arguments override config fields.
+  Raises CheckpointError naming every missing, unexpected or mis-shaped tensor or scale.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -142,37 +228,20 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", qat: bool = F
   expected = expected_tensors(cfg)
   weight_map = _weight_map(path)
   _check_names(expected, weight_map, path)
-
-  loaded: dict[str, np.ndarray] = {}
-  by_file: dict[str, list[str]] = {}
-  for name, file in weight_map.items():
-    if name in expected:
-      by_file.setdefault(file, []).append(name)
-  bad_shapes = []
-  for file, names in sorted(by_file.items()):
-    with safe_open(os.path.join(path, file), framework="numpy") as f:
-      for name in names:
-        tensor = f.get_tensor(name)
-        if tuple(tensor.shape) != expected[name][0]:
-          bad_shapes.append(f"{name}: expected {expected[name][0]}, got {tuple(tensor.shape)}")
-          continue
-        if tensor.dtype in (np.dtype("int8"), np.dtype("uint8")) or "float8" in str(tensor.dtype):
-          raise CheckpointError(f"{path}: {name} is stored as {tensor.dtype} (FP8/FP4 quantised); "
-                                "quantised checkpoints are not supported by this loader yet")
-        loaded[name] = tensor
-  if bad_shapes:
-    raise CheckpointError(f"{path}: tensors of the wrong shape:\n  " + "\n  ".join(bad_shapes))
+  plan = _plan(expected, weight_map, path)
 
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   flat = []
   for p, var in nnx.to_flat_state(state):
     name = path_to_name(p)
-    target = var.value.dtype
+    shape, target = tuple(var.value.shape), np.dtype(var.value.dtype)
     released = to_released(name, cfg.n_routed_experts)
-    if len(released) > 1:
-      value = np.stack([loaded[r] for r in released])
+    read = _reader(plan, released, len(released) > 1, target)
+    if mesh is None:
+      value = jnp.asarray(read(tuple(slice(None) for _ in shape)))
     else:
-      value = loaded[released[0]]
-    flat.append((p, var.replace(jnp.asarray(value.astype(np.float32) if value.dtype.kind == "V" else value,
-                                            dtype=target))))
+      axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+      sharding = NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+      value = jax.make_array_from_callback(shape, sharding, read, dtype=target)
+    flat.append((p, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -30,6 +30,7 @@ from dsv4_jax.layers.linear import Linear, param
 from dsv4_jax.layers.norms import RMSNorm, rms_norm
 from dsv4_jax.layers.rope import apply_rope, layer_frequencies
 from dsv4_jax.ops import dispatch
+from dsv4_jax.ops.banded_attention import banded_attention
 from dsv4_jax.ops.indexer import indexer_scores, select_topk
 from dsv4_jax.ops.quantization import fake_quant_fp8
 from dsv4_jax.ops.sparse_attention import attention_logits, gather_rows, map_query_chunks
@@ -54,20 +55,20 @@ def compressed_visibility(rows: jax.Array, segment_ids: jax.Array, ratio: int, n
   return (i < (rows[..., None] + 1) // ratio) & (block_seg == seg_t)
 
 
-def indexer_kl(q, kv, lse, cidx, index_logits, scale):
-  """KL(p ‖ softmax(index_logits)) per query over the compressed slots `cidx`.
+def indexer_kl(comp_logits, lse, valid, index_logits):
+  """KL(p ‖ softmax(index_logits)) per query over the compressed slots.
 
-  p = Σ_h softmax-probabilities of the main attention at those slots (using its full log-sum-exp
-  `lse` [B, C, H]), renormalised; p is stop-gradient. index_logits: [B, C, K] (−inf where masked).
+  p = Σ_h exp(comp_logits − lse): the main attention's probabilities at those slots (lse: its full
+  log-sum-exp [B, C, H], window and sink included), summed over heads and renormalised; p is
+  stop-gradient. comp_logits [B, C, H, K] (−inf where invalid), valid / index_logits [B, C, K].
   Returns (kl [B, C], has_entries [B, C]).
   """
-  logits = attention_logits(q, gather_rows(kv, cidx), cidx, scale)
-  p = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2)
+  p = jnp.sum(jnp.exp(comp_logits - lse[..., None]), axis=2)
   total = jnp.sum(p, axis=-1, keepdims=True)
   p = jax.lax.stop_gradient(p / jnp.where(total > 0, total, 1.0))
-  log_q = jax.nn.log_softmax(jnp.where(cidx >= 0, index_logits, -jnp.inf), axis=-1)
+  log_q = jax.nn.log_softmax(jnp.where(valid, index_logits, -jnp.inf), axis=-1)
   terms = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
-  has_entries = jnp.any(cidx >= 0, axis=-1)
+  has_entries = jnp.any(valid, axis=-1)
   return jnp.where(has_entries, jnp.sum(terms, axis=-1), 0.0), has_entries
 
 
@@ -100,6 +101,26 @@ class Attention(nnx.Module):
     rd = self.cfg.qk_rope_head_dim
     return jnp.concatenate([fake_quant_fp8(kv[..., :-rd]), kv[..., -rd:]], axis=-1)
 
+  def queries(self, x: jax.Array, positions: jax.Array):
+    """x [B, S, d] -> (qr [B, S, q_lora], q [B, S, H, D]): q_norm(wq_a(x)), then wq_b, per-head RMS, RoPE."""
+    b, s, _ = x.shape
+    qr = self.q_norm(self.wq_a(x))
+    q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+    return qr, apply_rope(rms_norm(q, self.cfg.rms_norm_eps).astype(q.dtype), positions, self.freqs)
+
+  def window_kv(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, S, d] -> the shared key/value rows [B, S, D]: RoPE(kv_norm(wkv(x))), QAT-quantised."""
+    return self._kv_quantise(apply_rope(self.kv_norm(self.wkv(x)), positions, self.freqs))
+
+  def project_out(self, o: jax.Array, positions: jax.Array) -> jax.Array:
+    """Attention output o [B, S, H, D] -> [B, S, d]: inverse RoPE at the query, grouped wo_a, wo_b."""
+    b, s = o.shape[:2]
+    o = apply_rope(o, positions, self.freqs, inverse=True)
+    o = o.reshape(b, s, self.groups, self.n_heads * self.head_dim // self.groups)
+    wo_a = self.wo_a.weight[...].reshape(self.groups, self.cfg.o_lora_rank, -1).astype(self.wo_a.dtype)
+    o = jnp.einsum("bsgd,grd->bsgr", o.astype(self.wo_a.dtype), wo_a)
+    return self.wo_b(o.reshape(b, s, -1))
+
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
                attention_mode: str = "sparse", with_indexer_loss: bool = True):
     """x [B, S, d], positions / segment_ids [B, S] -> (out [B, S, d], aux dict).
@@ -112,10 +133,8 @@ class Attention(nnx.Module):
     b, s, _ = x.shape
     h, hd, eps = self.n_heads, self.head_dim, cfg.rms_norm_eps
 
-    qr = self.q_norm(self.wq_a(x))
-    q = self.wq_b(qr).reshape(b, s, h, hd)
-    q = apply_rope(rms_norm(q, eps).astype(q.dtype), positions, self.freqs)
-    kv = self._kv_quantise(apply_rope(self.kv_norm(self.wkv(x)), positions, self.freqs))
+    qr, q = self.queries(x, positions)
+    kv = self.window_kv(x, positions)
 
     n = s // r if r else 0
     kv_all = kv
@@ -128,37 +147,48 @@ class Attention(nnx.Module):
       index_q, index_w, index_k = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr),
                                                positions, self.freqs, segment_ids)
     want_kl = use_indexer and with_indexer_loss
-    scale = hd ** -0.5
-    attend = dispatch.sparse_attention_fn(cfg.kernels)
+    scale, window, sink = hd ** -0.5, cfg.sliding_window, self.attn_sink[...]
+    pallas = dispatch.use_pallas(cfg.kernels)
+    chunk_size = min(cfg.attention_chunk_size, s)
+    if not pallas:  # window keys with W−1 rows in front and a chunk behind, so no slice is clamped
+      kv_padded = jnp.pad(kv, [(0, 0), (window - 1, chunk_size), (0, 0)])
+      seg_padded = jnp.pad(segment_ids, [(0, 0), (window - 1, chunk_size)], constant_values=-1)
 
     def chunk(rows, q_c, *index_c):
-      idx = window_indices(rows, segment_ids, cfg.sliding_window)
-      kl = has = jnp.zeros(rows.shape, jnp.float32)
+      cidx = valid = index_logits = None
       if n:
-        visible = compressed_visibility(rows, segment_ids, r, n)
+        valid = compressed_visibility(rows, segment_ids, r, n)
         if use_indexer:
-          scores = indexer_scores(index_c[0], index_c[1], index_k)
+          index_logits = indexer_scores(index_c[0], index_c[1], index_k)
         if r == 4 and attention_mode == "sparse":
-          cidx, index_logits = select_topk(scores, visible, cfg.index_topk)
-        else:
-          cidx = jnp.where(visible, jnp.arange(n), -1)
-          index_logits = scores if use_indexer else None
-        idx = jnp.concatenate([idx, jnp.where(cidx >= 0, cidx + s, -1)], axis=-1)
-      o, lse = attend(q_c, kv_all, self.attn_sink[...], idx, scale=scale, chunk_size=None, return_lse=True)
+          cidx, index_logits = select_topk(index_logits, valid, cfg.index_topk)
+          valid = cidx >= 0
+      if pallas:  # one kernel over window ∪ compressed rows gathered by index
+        dense_idx = jnp.where(valid, jnp.arange(n), -1) if n and cidx is None else cidx
+        idx = window_indices(rows, segment_ids, window)
+        if n:
+          idx = jnp.concatenate([idx, jnp.where(dense_idx >= 0, dense_idx + s, -1)], axis=-1)
+        o, lse = dispatch.sparse_attention_fn(cfg.kernels)(q_c, kv_all, sink, idx, scale=scale, chunk_size=None,
+                                                           return_lse=True)
+        comp_logits = None
+        if want_kl:
+          shifted = jnp.where(dense_idx >= 0, dense_idx + s, -1)
+          comp_logits = attention_logits(q_c, gather_rows(kv_all, shifted), shifted, scale)
+      else:
+        o, lse, comp_logits = banded_attention(
+            q_c, rows, kv_padded, seg_padded, window, sink, scale, compressed=kv_all[:, s:] if n else None,
+            compressed_valid=valid, compressed_idx=cidx)
+      kl = has = jnp.zeros(rows.shape, jnp.float32)
       if want_kl:
-        kl, has = indexer_kl(q_c, kv_all, lse, jnp.where(cidx >= 0, cidx + s, -1), index_logits, scale)
+        kl, has = indexer_kl(comp_logits, lse, valid, index_logits)
         real = jnp.take_along_axis(segment_ids, rows, axis=1) != 0
         kl, has = kl * real, (has & real).astype(jnp.float32)
       return o, kl, has
 
     rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     chunk_inputs = (rows, q) + ((index_q, index_w) if use_indexer else ())
-    o, kl, has = map_query_chunks(chunk, min(cfg.attention_chunk_size, s), *chunk_inputs)
+    o, kl, has = map_query_chunks(chunk, chunk_size, *chunk_inputs)
 
-    o = apply_rope(o, positions, self.freqs, inverse=True)
-    o = o.reshape(b, s, self.groups, h * hd // self.groups)
-    wo_a = self.wo_a.weight[...].reshape(self.groups, cfg.o_lora_rank, -1).astype(self.wo_a.dtype)
-    o = jnp.einsum("bsgd,grd->bsgr", o.astype(self.wo_a.dtype), wo_a)
-    out = self.wo_b(o.reshape(b, s, -1))
+    out = self.project_out(o, positions)
     aux = {"indexer_kl_sum": jnp.sum(kl), "indexer_kl_count": jnp.sum(has)}
     return out.astype(x.dtype), aux

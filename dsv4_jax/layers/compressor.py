@@ -68,13 +68,19 @@ class Compressor(nnx.Module):
     b, s, _ = x.shape
     r = self.ratio
     n = s // r
-    x = x.astype(jnp.float32)
-    kv = self.wkv(x)
-    score = self.wgate(x) + jnp.tile(self.ape[...], (-(-s // r), 1))[None, :s]
+    kv, score = self.project(x, jnp.arange(s) % r)
     prev_valid = None
     if self.overlap and segment_ids is not None:
       block_seg = segment_ids[:, :n * r:r]
       prev_valid = jnp.pad(block_seg[:, 1:] == block_seg[:, :-1], [(0, 0), (1, 0)])
     entries = pool_blocks(kv, score, r, self.overlap, prev_valid)
-    entries = self.norm(entries)
-    return apply_rope(entries, positions[:, :n * r:r], freqs)
+    return self.finish(entries, positions[:, :n * r:r], freqs)
+
+  def project(self, x: jax.Array, phase: jax.Array):
+    """x [B, S, d], phase (t mod ratio) [S] or [B, S] -> (kv, score) [B, S, coff·c] fp32, score + ape[phase]."""
+    x = x.astype(jnp.float32)
+    return self.wkv(x), self.wgate(x) + self.ape[...][phase]
+
+  def finish(self, pooled: jax.Array, block_positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """Pooled blocks [B, N, c], their first tokens' positions [B, N] -> entries: RMSNorm, then RoPE."""
+    return apply_rope(self.norm(pooled), block_positions, freqs)

@@ -38,9 +38,14 @@ class Indexer(nnx.Module):
   def __call__(self, x: jax.Array, qr: jax.Array, positions: jax.Array, freqs: np.ndarray,
                segment_ids: jax.Array | None = None):
     """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], w [B, S, Hi], K_I [B, S/r, Di])."""
+    q, w = self.queries(x, qr, positions, freqs)
+    k = self._quantise(self.compressor(x, positions, freqs, segment_ids))
+    return q, w, k
+
+  def queries(self, x: jax.Array, qr: jax.Array, positions: jax.Array, freqs: np.ndarray):
+    """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], head weights w [B, S, Hi] fp32)."""
     b, s, _ = x.shape
     q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
     q = self._quantise(apply_rope(q, positions, freqs))
     w = self.weights_proj(x).astype(jnp.float32) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-    k = self._quantise(self.compressor(x, positions, freqs, segment_ids))
-    return q, w, k
+    return q, w
