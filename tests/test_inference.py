@@ -198,7 +198,7 @@ def test_generate_cli_end_to_end(tmp_path):
   from dsv4_jax.layers.model import Transformer
 
   ckpt = tmp_path / "ckpt"
-  save_checkpoint(Transformer(tiny_config(num_hidden_layers=2, compress_ratios=(4, 128, 0)), rngs=nnx.Rngs(0)),
+  save_checkpoint(Transformer(tiny_config(num_hidden_layers=1, compress_ratios=(4, 0)), rngs=nnx.Rngs(0)),
                   ckpt)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(

@@ -115,14 +115,13 @@ def write_rows(stored: dict, index: jax.Array, rows: jax.Array, storage: str, ro
     return stored
   b = rows.shape[0]
   batch = jnp.arange(b)
-  index = jnp.clip(index, 0, n - 1)
   new = encode_rows(rows, storage, rope_dim)
 
   def put(buf, value):
     if when is not None:
-      keep = buf[batch, index]
+      keep = buf[batch, jnp.clip(index, 0, n - 1)]
       value = jnp.where(when.reshape((b,) + (1,) * (value.ndim - 1)), value, keep)
-    return buf.at[batch, index].set(value)
+    return buf.at[batch, index].set(value, mode="drop")  # beyond max_len: dropped, never clamped
 
   return jax.tree.map(put, stored, new)
 

@@ -33,8 +33,9 @@ from dsv4_jax.ops.indexer import indexer_scores, select_topk
 
 # --- shared structure ------------------------------------------------------------------------------
 
-def _run_blocks(model, input_ids, token_mask, attend):
-  """embed -> blocks (attention replaced by `attend(layer, attn, x_norm)`) -> head logits (fp32)."""
+def _run_blocks(model, input_ids, token_mask, attend, last=None):
+  """embed -> blocks (attention replaced by `attend(layer, attn, x_norm)`) -> head logits (fp32),
+  at every position or, given `last` [B], only there ([B, 1, V])."""
   cfg = model.cfg
   b, s = input_ids.shape
   h = model.embed(input_ids)
@@ -46,6 +47,8 @@ def _run_blocks(model, input_ids, token_mask, attend):
     y, post, comb = block.hc_ffn.pre(x)
     y, _ = block.ffn(block.ffn_norm(y), input_ids, token_mask)
     x = mhc_post(y, x, post, comb)
+  if last is not None:
+    x = jnp.take_along_axis(x, last[:, None, None, None], axis=1)
   return model.head(model.norm(model.hc_head(x)))
 
 
@@ -108,7 +111,7 @@ def _prefill_layer(attn, x, positions, lengths, max_len, storage) -> LayerCache:
   return layer
 
 
-def _prefill(model, input_ids, lengths, max_len, storage):
+def _prefill(model, input_ids, lengths, max_len, storage, last_only):
   b, s = input_ids.shape
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # right padding is segment 0
@@ -119,7 +122,7 @@ def _prefill(model, input_ids, lengths, max_len, storage):
     layers.append(_prefill_layer(attn, x, positions, lengths, max_len, storage))
     return out
 
-  logits = _run_blocks(model, input_ids, segment_ids != 0, attend)
+  logits = _run_blocks(model, input_ids, segment_ids != 0, attend, last=lengths - 1 if last_only else None)
   return logits, Cache(layers=tuple(layers), lengths=lengths.astype(jnp.int32))
 
 
@@ -199,9 +202,9 @@ def _decode(model, tokens, cache: Cache):
 
 # --- jitted entry points ---------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "storage"))
-def _prefill_jit(state, input_ids, lengths, *, graphdef, max_len, storage):
-  return _prefill(nnx.merge(graphdef, state), input_ids, lengths, max_len, storage)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "storage", "last_only"))
+def _prefill_jit(state, input_ids, lengths, *, graphdef, max_len, storage, last_only):
+  return _prefill(nnx.merge(graphdef, state), input_ids, lengths, max_len, storage, last_only)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -221,12 +224,14 @@ class Engine:
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(model)
 
-  def prefill(self, input_ids, max_len: int, *, lengths=None, storage: str | None = None):
+  def prefill(self, input_ids, max_len: int, *, lengths=None, storage: str | None = None,
+              last_only: bool = False):
     """input_ids [B, S] (right-padded when `lengths` [B] is given) -> (logits [B, S, V], cache).
 
-    max_len: the most tokens any row will hold (prompt + generated), S ≤ max_len. storage: cache
-    storage ("float32", "bfloat16"/"bf16", "mixed"; default the model's compute dtype).
-    Logits at padded positions (≥ lengths[b]) are meaningless.
+    max_len: the most tokens any row will hold (prompt + generated), S ≤ max_len; decoding past it is
+    undefined (entries beyond the cache are dropped). storage: cache storage ("float32",
+    "bfloat16"/"bf16", "mixed"; default the model's compute dtype). last_only: return only each row's
+    last real position's logits [B, 1, V] (long prompts). Logits at padded positions are meaningless.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
@@ -241,7 +246,7 @@ class Engine:
     if host.min() < 1 or host.max() > s:
       raise ValueError(f"prefill: lengths must lie in [1, {s}] (the padded width), got {host.tolist()}")
     return _prefill_jit(self.state, input_ids, lengths, graphdef=self.graphdef, max_len=int(max_len),
-                        storage=resolve_storage(self.cfg, storage))
+                        storage=resolve_storage(self.cfg, storage), last_only=bool(last_only))
 
   def decode(self, tokens, cache: Cache):
     """tokens [B, 1] at positions cache.lengths -> (logits [B, 1, V], new cache). `cache` is donated:
@@ -252,10 +257,11 @@ class Engine:
     return _decode_jit(self.state, tokens, cache, graphdef=self.graphdef)
 
 
-def prefill(model, input_ids, max_len: int, *, lengths=None, storage: str | None = None):
+def prefill(model, input_ids, max_len: int, *, lengths=None, storage: str | None = None,
+            last_only: bool = False):
   """`Engine(model).prefill(...)`; `model` may also be an Engine (avoids re-splitting)."""
   engine = model if isinstance(model, Engine) else Engine(model)
-  return engine.prefill(input_ids, max_len, lengths=lengths, storage=storage)
+  return engine.prefill(input_ids, max_len, lengths=lengths, storage=storage, last_only=last_only)
 
 
 def decode(model, tokens, cache: Cache):

@@ -76,8 +76,9 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
     ids[row, :len(prompt)] = np.asarray(prompt, np.int32)
   stops = np.asarray(list(stop_tokens), np.int32)
   key = jax.random.PRNGKey(seed)
-  logits, cache = engine.prefill(ids, int(lengths.max()) + max_new_tokens, lengths=lengths, storage=storage)
-  logits = jnp.take_along_axis(logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0]
+  logits, cache = engine.prefill(ids, int(lengths.max()) + max_new_tokens, lengths=lengths, storage=storage,
+                                 last_only=True)
+  logits = logits[:, 0]
   done = np.zeros(len(prompts), bool)
   for step in range(max_new_tokens):
     tokens = np.asarray(sample(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,

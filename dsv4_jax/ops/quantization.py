@@ -29,7 +29,9 @@ def _fake_quant(x: jax.Array, block: int, qmax: float, amax_floor: float, dtype)
   scale = _pow2_ceil(amax / qmax)
   q = jnp.clip(xb / scale, -qmax, qmax).astype(dtype).astype(jnp.float32) * scale
   q = q.reshape(shape).astype(x.dtype)
-  return x + jax.lax.stop_gradient(q - x)  # straight-through estimator
+  # Straight-through estimator. Not `x + stop_gradient(q − x)`: with tiny blocks the difference is
+  # subnormal and flushed to zero, and in bf16 it can round, so the forward value would not be q.
+  return jax.lax.stop_gradient(q) + (x - jax.lax.stop_gradient(x))
 
 
 def fake_quant_fp8(x: jax.Array, block: int = 64) -> jax.Array:

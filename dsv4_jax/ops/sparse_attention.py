@@ -79,6 +79,8 @@ def map_query_chunks(fn, chunk_size: int, *xs):
   fn receives (*chunks) and returns a pytree of [B, chunk, ...] arrays.
   """
   s = xs[0].shape[1]
+  if s <= chunk_size:  # one chunk: nothing to save by rematerialising
+    return fn(*xs)
   n = -(-s // chunk_size)
   pad = n * chunk_size - s
 
