@@ -5,8 +5,6 @@ round-to-nearest-even casts), hand-worked grid values, and the Walsh–Hadamard 
 H[i, j] = (−1)^popcount(i & j).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -171,7 +169,6 @@ def test_model_with_qat_trains_and_stays_close(models):
   # scores can flip near-tied top-k picks, which a randomised model amplifies at a few positions, so
   # judge the median over positions.
   per_position = np.abs(np.asarray(logits_q - logits_f)).max(-1)[0] / np.abs(np.asarray(logits_f)).max()
-  print("QATNUM", np.median(per_position), per_position.max(), float(loss_q), float(loss_f))
   assert 1e-4 < np.median(per_position) < 0.1, np.median(per_position)
   assert abs(float(loss_q) - float(loss_f)) < 0.05 * abs(float(loss_f))
 

@@ -209,6 +209,21 @@ def _copy(path, tmp_path):
   return str(tmp_path / "ckpt")
 
 
+def test_hub_scale_name_weight_scale_inv(quantised, tmp_path):
+  """Scales may also be stored under the hub's `<name>.weight_scale_inv` (DeepSeek's convert.py renames it)."""
+  path, expected, _ = quantised
+  path = _copy(path, tmp_path)
+  old, new = "layers.4.attn.wo_b.scale", "layers.4.attn.wo_b.weight_scale_inv"
+
+  def rename(tensors, weight_map):
+    tensors[new] = tensors.pop(old)
+    weight_map[new] = weight_map.pop(old)
+
+  _rewrite_entry(path, old, rename)
+  np.testing.assert_array_equal(_loaded_values(load_model(path))["layers.4.attn.wo_b.weight"],
+                                expected["layers.4.attn.wo_b.weight"])
+
+
 def test_missing_scale_is_named(quantised, tmp_path):
   path = _copy(quantised[0], tmp_path)
 
