@@ -222,11 +222,13 @@ def test_indexer_kl_is_zero_iff_indexer_matches_target():
   p = np.where(idx[:, :, None, :] >= 0, np.exp(member_logits - np.asarray(lse)[..., None]), 0.0).sum(2)
   p = p / np.where(p.sum(-1, keepdims=True) > 0, p.sum(-1, keepdims=True), 1.0)
   matched = np.where(idx >= 0, np.log(np.maximum(p, 1e-30)) + 3.0, -np.inf)  # a shift does not matter
-  kl, has = indexer_kl(q, kv, lse, idx, jnp.asarray(matched, jnp.float32), scale)
+  comp_logits = np.where(idx[:, :, None, :] >= 0, member_logits, -np.inf).astype(np.float32)
+  valid = jnp.asarray(idx >= 0)
+  kl, has = indexer_kl(jnp.asarray(comp_logits), lse, valid, jnp.asarray(matched, jnp.float32))
   np.testing.assert_array_equal(np.asarray(has), (idx >= 0).any(-1))
   np.testing.assert_allclose(np.asarray(kl), 0.0, atol=1e-5)
   noisy = matched + np.random.default_rng(7).standard_normal(matched.shape)
-  kl_noisy, _ = indexer_kl(q, kv, lse, idx, jnp.asarray(noisy, jnp.float32), scale)
+  kl_noisy, _ = indexer_kl(jnp.asarray(comp_logits), lse, valid, jnp.asarray(noisy, jnp.float32))
   kl_noisy = np.asarray(kl_noisy)
   assert np.all(kl_noisy >= -1e-6)
   assert np.all(kl_noisy[(idx >= 0).sum(-1) >= 2] > 1e-4)  # ≥ 2 slots: a different distribution
