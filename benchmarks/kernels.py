@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _time(fn, args, repeats, warmup=3):

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import kernel_call, resolve_interpret
-from pallas_kernels.intmath import cdiv, floordiv, land
+from pallas_kernels.intmath import cdiv, floordiv
 
 QUERY_TILE = 128
 ENTRY_TILE = 512

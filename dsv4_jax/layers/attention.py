@@ -131,7 +131,7 @@ class Attention(nnx.Module):
       raise ValueError(f"attention_mode: expected one of {ATTENTION_MODES}, got {attention_mode!r}")
     cfg, r = self.cfg, self.ratio
     b, s, _ = x.shape
-    h, hd, eps = self.n_heads, self.head_dim, cfg.rms_norm_eps
+    hd = self.head_dim
 
     qr, q = self.queries(x, positions)
     kv = self.window_kv(x, positions)

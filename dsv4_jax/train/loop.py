@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import TrainConfig
@@ -29,7 +28,6 @@ from dsv4_jax.train import curriculum
 from dsv4_jax.train.checkpoint import TrainCheckpointer
 from dsv4_jax.train.metrics import MetricsWriter
 from dsv4_jax.train.step import TrainState, make_eval_step, make_train_step, split_model
-from dsv4_jax.train.step import MODEL_INPUTS  # noqa: F401  (documented batch keys)
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:

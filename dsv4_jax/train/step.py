@@ -21,9 +21,6 @@ from dsv4_jax.config import TrainConfig
 from dsv4_jax.train.curriculum import StepKind
 from dsv4_jax.train.losses import training_losses
 
-MODEL_INPUTS = ("input_ids", "segment_ids", "positions")
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
