@@ -110,7 +110,7 @@ class Transformer(nnx.Module):
     mtp_logits = None
     if with_mtp and len(self.mtp) and s > 1:
       mtp_in, mtp_aux = self.mtp[0].predict(x[:, :-1], self.embed(input_ids[:, 1:]), input_ids[:, 1:],
-                                    positions[:, :-1], segment_ids[:, :-1], **kwargs)
+                                            positions[:, :-1], segment_ids[:, :-1], **kwargs)
       mtp_logits = self.head(mtp_in)
       out_aux.update({f"mtp_{k}": v for k, v in _summarise([mtp_aux], cfg, mtp=True).items()})
     return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux)
