@@ -164,16 +164,16 @@ class Attention(nnx.Module):
           cidx, index_logits = select_topk(index_logits, valid, cfg.index_topk)
           valid = cidx >= 0
       if pallas:  # one kernel over window ∪ compressed rows gathered by index
-        dense_idx = jnp.where(valid, jnp.arange(n), -1) if n and cidx is None else cidx
         idx = window_indices(rows, segment_ids, window)
-        if n:
-          idx = jnp.concatenate([idx, jnp.where(dense_idx >= 0, dense_idx + s, -1)], axis=-1)
+        if n:  # compressed entries are rows s.. of kv_all
+          entries = jnp.where(valid, jnp.arange(n), -1) if cidx is None else cidx
+          entry_rows = jnp.where(entries >= 0, entries + s, -1)
+          idx = jnp.concatenate([idx, entry_rows], axis=-1)
         o, lse = dispatch.sparse_attention_fn(cfg.kernels)(q_c, kv_all, sink, idx, scale=scale, chunk_size=None,
                                                            return_lse=True)
         comp_logits = None
         if want_kl:
-          shifted = jnp.where(dense_idx >= 0, dense_idx + s, -1)
-          comp_logits = attention_logits(q_c, gather_rows(kv_all, shifted), shifted, scale)
+          comp_logits = attention_logits(q_c, gather_rows(kv_all, entry_rows), entry_rows, scale)
       else:
         o, lse, comp_logits = banded_attention(
             q_c, rows, kv_padded, seg_padded, window, sink, scale, compressed=kv_all[:, s:] if n else None,
