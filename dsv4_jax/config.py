@@ -269,7 +269,12 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything `dsv4 train` needs. `optimizer.total_steps` is derived from the curriculum."""
+  """Everything `dsv4 train` needs. `optimizer.total_steps` is derived from the curriculum.
+
+  eval_every: steps between validations (also at the end of the run; 0 = never).
+  eval_tokens: held-out tokens per validation: a fixed random sample of packed rows of the
+    validation split at the current stage's seq_len (`validation_sample`).
+  """
   model: ModelConfig
   data: Any  # dsv4_jax.data.DataConfig
   optimizer: Any  # dsv4_jax.optim.OptimizerConfig
@@ -285,8 +290,7 @@ class TrainConfig:
   router_bias_speed: float = 1e-3
   log_every: int = 10
   eval_every: int = 200
-  eval_batches: int = 8
-  eval_batch_size: int = 8
+  eval_tokens: int = 32768
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
 
@@ -335,6 +339,9 @@ class TrainConfig:
     optimizer = dict(raw.get("optimizer") or {})
     optimizer["total_steps"] = cfg.total_steps
     cfg = dataclasses.replace(cfg, optimizer=build(OptimizerConfig, optimizer))
+    for name in ("tokens_per_batch", "eval_tokens", "log_every"):
+      if getattr(cfg, name) < 1:
+        raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(cfg, name)}")
     for stage in stages:
       if stage.seq_len % cfg.data.align:
         raise ConfigError(f"curriculum: seq_len {stage.seq_len} is not a multiple of data.align {cfg.data.align}")

@@ -1,5 +1,5 @@
 """Data pipeline tests: packing conservation and isolation, alignment, exact resume (also across a
-change of seq_len / batch size), sharding, shuffling, sources, tokenizers, errors, corpus split.
+change of seq_len / batch size), sharding, document and row shuffling, sources, tokenizers, errors, corpus split.
 
 References are independent of the packer: documents are built so every token names its document
 and index (token = 1000·doc + k), and rows are checked against the documents, a hand-laid example
@@ -8,6 +8,7 @@ and a naive segment attention mask.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sysconfig
@@ -18,7 +19,7 @@ import pytest
 
 from dsv4_jax.data import (AlignedPackIterDataset, ByteTokenizer, DataConfig, HFTokenizer,
                            bits_per_byte, load_tokenizer, make_dataset, split_source,
-                           unigram_byte_entropy)
+                           unigram_byte_entropy, validation_sample)
 from dsv4_jax.data.corpus import STDLIB_EXCLUDE_DIRS, stdlib_root
 
 PAD = 9999
@@ -178,14 +179,17 @@ def test_stdlib_batches_start_documents_at_multiples_of_128():
   assert iterator.tokenizer.vocab_size <= 512   # fits the tiny model's vocabulary
 
 
-@pytest.mark.parametrize("prefetch_batches", [0, 2])
-def test_restored_iterator_resumes_at_the_same_example(prefetch_batches):
-  config = DataConfig(prefetch_batches=prefetch_batches, seed=7)
+@pytest.mark.parametrize("prefetch_batches,row_shuffle_tokens", [(0, 0), (2, 0), (2, 131072)])
+def test_restored_iterator_resumes_at_the_same_example(prefetch_batches, row_shuffle_tokens):
+  config = DataConfig(prefetch_batches=prefetch_batches, seed=7, row_shuffle_tokens=row_shuffle_tokens)
   iterator = make_dataset(config, seq_len=256, batch_size=4)
   for _ in range(13):
     next(iterator)
   state = json.loads(json.dumps(iterator.get_state()))   # survives a JSON checkpoint
-  assert state["pipeline"]["in_document"], "test should cut inside a document"
+  if row_shuffle_tokens:
+    assert 0 < state["pipeline"]["consumed"] < row_shuffle_tokens // 256, "test should cut inside a window"
+  else:
+    assert state["pipeline"]["in_document"], "test should cut inside a document"
   expected = [next(iterator) for _ in range(5)]
   restored = make_dataset(config, seq_len=256, batch_size=4)
   restored.set_state(state)
@@ -194,6 +198,22 @@ def test_restored_iterator_resumes_at_the_same_example(prefetch_batches):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert restored.packing_stats() == iterator.packing_stats()
+
+
+def _rows(batches):
+  return [tuple(row) for b in batches for row, real in zip(b["input_ids"], b["loss_mask"].any(axis=1)) if real]
+
+
+def test_row_shuffle_permutes_rows_within_each_window():
+  window = 16
+  shuffled = make_dataset(DataConfig(seed=5, row_shuffle_tokens=window * 256), 256, 4)
+  in_order = make_dataset(DataConfig(seed=5, row_shuffle_tokens=0), 256, 4)
+  got = _rows([next(shuffled) for _ in range(3 * window // 4)])
+  want = _rows([next(in_order) for _ in range(3 * window // 4)])
+  for k in range(3):
+    assert sorted(got[k * window:(k + 1) * window]) == sorted(want[k * window:(k + 1) * window])
+  first_batch = sorted(want.index(row) for row in got[:4])
+  assert first_batch[-1] - first_batch[0] > 3, "a shuffled batch should not be consecutive rows"
 
 
 def test_orbax_checkpoint_round_trip(tmp_path):
@@ -213,7 +233,7 @@ def test_orbax_checkpoint_round_trip(tmp_path):
 
 
 def test_new_stage_continues_the_token_stream():
-  config = DataConfig(seed=3)
+  config = DataConfig(seed=3, row_shuffle_tokens=0)
   reference = _real_stream([b for b, _ in zip(make_dataset(config, 256, 4), range(12))])
   first_stage = make_dataset(config, seq_len=256, batch_size=4)
   consumed = [next(first_stage) for _ in range(5)]
@@ -224,6 +244,38 @@ def test_new_stage_continues_the_token_stream():
   stream = np.concatenate([_real_stream(consumed), _real_stream(continued)])
   np.testing.assert_array_equal(stream, reference[:len(stream)])
   assert len(stream) > len(_real_stream(consumed))
+
+
+def test_new_stage_with_row_shuffle_recuts_the_current_window():
+  """With row shuffling the next stage starts at the first token of the current window: its first
+  window holds exactly the rows an unshuffled iterator at the new seq_len packs from there."""
+  config = DataConfig(seed=3, row_shuffle_tokens=8 * 512)
+  first_stage = make_dataset(config, seq_len=256, batch_size=4)
+  for _ in range(5):   # 20 rows: 4 into the third 16-row window
+    next(first_stage)
+  state = first_stage.get_state()
+  assert state["pipeline"]["consumed"] == 4
+  second_stage = make_dataset(config, seq_len=512, batch_size=2)
+  second_stage.set_state(state)
+  got = _rows([next(second_stage) for _ in range(4)])   # one 8-row window at seq_len 512
+  unshuffled = make_dataset(dataclasses.replace(config, row_shuffle_tokens=0), seq_len=512, batch_size=2)
+  unshuffled.set_state({**unshuffled.get_state(), "pipeline": state["pipeline"]["window_start"]})
+  want = _rows([next(unshuffled) for _ in range(4)])
+  assert sorted(got) == sorted(want) and got != want
+
+
+def test_validation_sample_is_a_fixed_uniform_sample_of_rows(tmp_path):
+  _write_corpus(tmp_path, 60)
+  config = DataConfig(source="text", paths=(str(tmp_path),), validation_fraction=0.5, align=16)
+  all_rows = _rows(make_dataset(config, 64, 1, split="validation"))
+  sample = validation_sample(config, 64, 3, 10)
+  assert [b["input_ids"].shape for b in sample] == [(3, 64)] * 4   # 10 rows, the last batch padded
+  rows = _rows(sample)
+  positions = [all_rows.index(row) for row in rows]
+  assert len(rows) == 10 and positions == sorted(positions)
+  assert positions[-1] > len(all_rows) // 2, "a sample should reach beyond the split's first rows"
+  assert _rows(validation_sample(config, 64, 3, 10)) == rows   # the same rows every time
+  assert len(_rows(validation_sample(config, 64, 4, 10 * len(all_rows)))) == len(all_rows)
 
 
 def test_state_from_another_stream_is_refused():

@@ -3,7 +3,7 @@
 from dsv4_jax.data.config import DataConfig
 from dsv4_jax.data.corpus import (bits_per_byte, corpus_unigram_byte_entropy, split_source,
                                   stdlib_root, unigram_byte_entropy, validation_score)
-from dsv4_jax.data.loader import DataIterator, make_dataset, tokenize_document
+from dsv4_jax.data.loader import DataIterator, make_dataset, tokenize_document, validation_sample
 from dsv4_jax.data.packing import AlignedPackIterDataset
 from dsv4_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -11,5 +11,5 @@ __all__ = [
     "AlignedPackIterDataset", "ByteTokenizer", "DataConfig", "DataIterator", "HFTokenizer",
     "Tokenizer", "bits_per_byte", "corpus_unigram_byte_entropy", "load_tokenizer",
     "make_dataset", "split_source", "stdlib_root", "tokenize_document", "unigram_byte_entropy",
-    "validation_score",
+    "validation_sample", "validation_score",
 ]

@@ -36,6 +36,9 @@ class DataConfig:
     largest compression ratio), with masked padding in between.
   shuffle, seed: global document-order shuffle (Grain's index shuffle, reseeded each epoch; it
     needs no shuffle buffer).
+  row_shuffle_tokens: training rows are also shuffled within windows of about this many tokens
+    (Grain's WindowShuffleIterDataset; window = row_shuffle_tokens // seq_len rows), so that a
+    batch mixes many documents instead of consecutive pieces of one long file. 0 = off.
   num_threads, prefetch_buffer_size: Grain ReadOptions for reading and tokenizing documents.
   prefetch_batches: packed batches prepared ahead in a background thread (0 = none).
   """
@@ -50,6 +53,7 @@ class DataConfig:
   align: int = 128
   shuffle: bool = True
   seed: int = 0
+  row_shuffle_tokens: int = 131072
   num_threads: int = 2
   prefetch_buffer_size: int = 64
   prefetch_batches: int = 2
@@ -72,7 +76,7 @@ class DataConfig:
       raise ConfigError(f"data.align: expected a positive integer, got {self.align}")
     if not 0 <= self.seed < 2**32:
       raise ConfigError(f"data.seed: expected an integer in [0, 2**32), got {self.seed}")
-    for name in ("num_threads", "prefetch_buffer_size", "prefetch_batches"):
+    for name in ("num_threads", "prefetch_buffer_size", "prefetch_batches", "row_shuffle_tokens"):
       if getattr(self, name) < 0:
         raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
     if not self.text_field:
@@ -99,4 +103,5 @@ class DataConfig:
         "align": self.align,
         "shuffle": self.shuffle,
         "seed": self.seed,
+        "row_shuffle_tokens": self.row_shuffle_tokens,
     }

@@ -3,24 +3,27 @@
 Pipeline (Grain; only the aligned packer is ours):
   split source (random access) → shard [shard_index::shard_count] → shuffle(seed), reseeded per
   epoch → repeat → map(tokenize: [BOS] + text + [EOS]) → to_iter_dataset(ReadOptions: threads,
-  read-ahead) → AlignedPackIterDataset(seq_len, align) → batch(B; a short last batch is filled
+  read-ahead) → AlignedPackIterDataset(seq_len, align) → RowShuffleIterDataset (training only:
+  rows shuffled within windows of row_shuffle_tokens) → batch(B; a short last batch is filled
   with padding rows) → ThreadPrefetchIterDataset(prefetch_batches) → DataIterator.
 
 Batches: dict of numpy arrays [B, S]: input_ids int32, targets int32, loss_mask float32,
 segment_ids int32 (0 = padding), positions int32, target_bytes int32 (see packing.py).
 
-State: `get_state()` is a JSON-able dict {"data": config fingerprint + split + shard,
-"pipeline": packer state}. Grain's batch and prefetch stages pass their parent's state through,
-so the pipeline state is the packer's document cursor, which does not depend on seq_len or batch
-size: an iterator built for the next curriculum stage continues the token stream exactly where
-the saved one stopped. `set_state` refuses a state from a different corpus / seed / split /
-shard. The iterator is a `grain.DatasetIterator`, so Orbax saves it with
-`grain.checkpoint.CheckpointSave` / `CheckpointRestore` (or via its own save/load).
+State: `get_state()` is a JSON-able dict {"data": config fingerprint + split + shard, "seq_len",
+"pipeline": row-shuffle window state, or the packer state without row shuffling}. Grain's batch
+and prefetch stages pass their parent's state through. The packer's state is a document cursor,
+independent of seq_len and batch size: an iterator built for the next curriculum stage continues
+the token stream from there: exactly where the saved one stopped without row shuffling, from the
+first token of the current shuffle window with it (row_shuffle.py). `set_state` refuses a state
+from a different corpus / seed / split / shard. The iterator is a `grain.DatasetIterator`, so
+Orbax saves it with `grain.checkpoint.CheckpointSave` / `CheckpointRestore` (or its own save/load).
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import weakref
 from typing import Any
@@ -31,6 +34,7 @@ import numpy as np
 from dsv4_jax.data.config import DataConfig
 from dsv4_jax.data.corpus import split_source
 from dsv4_jax.data.packing import ROW_FEATURES, AlignedPackIterDataset, empty_row
+from dsv4_jax.data.row_shuffle import RowShuffleIterDataset, restart_window
 from dsv4_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 STATE_FORMAT = 1
@@ -70,9 +74,10 @@ class DataIterator(grain.DatasetIterator):
   """Batches of packed rows; `get_state` / `set_state` restore the exact position in the stream."""
 
   def __init__(self, parent: grain.DatasetIterator, *, fingerprint: dict[str, Any],
-               tokenizer: Tokenizer, seq_len: int, batch_size: int):
+               tokenizer: Tokenizer, seq_len: int, batch_size: int, row_shuffled: bool):
     super().__init__(parent)
     self._fingerprint = fingerprint
+    self._row_shuffled = row_shuffled
     self.tokenizer = tokenizer
     self.seq_len = seq_len
     self.batch_size = batch_size
@@ -82,7 +87,8 @@ class DataIterator(grain.DatasetIterator):
     return next(self._parent)
 
   def get_state(self) -> dict[str, Any]:
-    return {"format": STATE_FORMAT, "data": self._fingerprint, "pipeline": self._parent.get_state()}
+    return {"format": STATE_FORMAT, "data": self._fingerprint, "seq_len": self.seq_len,
+            "pipeline": self._parent.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get("format") != STATE_FORMAT:
@@ -94,12 +100,17 @@ class DataIterator(grain.DatasetIterator):
       details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {self._fingerprint.get(k)!r}"
                           for k in differing)
       raise ValueError(f"data iterator state was saved for a different data stream ({details})")
-    self._parent.set_state(state["pipeline"])
+    pipeline = state["pipeline"]
+    if self._row_shuffled and state.get("seq_len") != self.seq_len:
+      pipeline = restart_window(pipeline)   # a new curriculum stage: re-cut the window's rows
+    self._parent.set_state(pipeline)
 
   def packing_stats(self) -> dict[str, float]:
-    """Counts over every row emitted so far (restored with the state): rows, documents finished,
-    tokens (with loss), padding (masked positions: alignment gaps and row tails), waste fraction."""
+    """Counts over every row packed so far (before the current shuffle window with row shuffling;
+    restored with the state): rows, documents finished, tokens (with loss), padding (masked
+    positions: alignment gaps and row tails), waste fraction."""
     pipeline = self._parent.get_state()
+    pipeline = pipeline["window_start"] if self._row_shuffled else pipeline
     stats = {key: int(pipeline[key]) for key in ("rows", "documents", "tokens", "padding")}
     total = stats["tokens"] + stats["padding"]
     stats["waste"] = stats["padding"] / total if total else 0.0
@@ -149,6 +160,10 @@ def make_dataset(data_config: DataConfig, seq_len: int, batch_size: int,
                                    prefetch_buffer_size=data_config.prefetch_buffer_size)
   rows = AlignedPackIterDataset(dataset.to_iter_dataset(read_options), seq_len=seq_len,
                                 align=data_config.align, pad_id=tokenizer.pad_id)
+  row_shuffled = split == "train" and data_config.shuffle and data_config.row_shuffle_tokens > 0
+  if row_shuffled:
+    rows = RowShuffleIterDataset(rows, window_rows=max(1, data_config.row_shuffle_tokens // seq_len),
+                                 seed=seed)
   batches = rows.batch(batch_size, batch_fn=functools.partial(
       _stack_rows, batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id))
   if data_config.prefetch_batches:
@@ -158,4 +173,33 @@ def make_dataset(data_config: DataConfig, seq_len: int, batch_size: int,
                  "shard_index": shard_index, "shard_count": shard_count, "num_epochs": num_epochs,
                  "tokenizer_vocab_size": tokenizer.vocab_size}
   return DataIterator(batches.__iter__(), fingerprint=fingerprint, tokenizer=tokenizer,
-                      seq_len=seq_len, batch_size=batch_size)
+                      seq_len=seq_len, batch_size=batch_size, row_shuffled=row_shuffled)
+
+
+def validation_sample(data_config: DataConfig, seq_len: int, batch_size: int, num_rows: int,
+                      tokenizer: Tokenizer | None = None) -> list[dict[str, np.ndarray]]:
+  """A fixed, uniformly random sample of `num_rows` packed validation rows, as batches [batch_size, seq_len].
+
+  One pass over the whole validation split (reservoir sampling, seeded by data_config.seed, so
+  every call with the same arguments returns the same rows): an unbiased estimate of the split's
+  loss, where the first rows of the split would only cover its first few documents. Rows keep
+  their packed order; the last batch is filled with padding rows. Fewer rows than asked for when
+  the split is smaller.
+  """
+  if num_rows < 1:
+    raise ValueError(f"validation_sample: num_rows must be positive, got {num_rows}")
+  rows = make_dataset(dataclasses.replace(data_config, prefetch_batches=0), seq_len, 1, tokenizer,
+                      split="validation", num_epochs=1)
+  rng = np.random.default_rng(data_config.seed)
+  reservoir: list[tuple[int, dict[str, np.ndarray]]] = []
+  for index, batch in enumerate(rows):
+    row = {key: value[0] for key, value in batch.items()}
+    if index < num_rows:
+      reservoir.append((index, row))
+    else:
+      slot = rng.integers(0, index + 1)
+      if slot < num_rows:
+        reservoir[slot] = (index, row)
+  chosen = [row for _, row in sorted(reservoir, key=lambda item: item[0])]
+  return [_stack_rows(chosen[i:i + batch_size], batch_size=batch_size, seq_len=seq_len,
+                      pad_id=rows.tokenizer.pad_id) for i in range(0, len(chosen), batch_size)]
