@@ -14,6 +14,7 @@ from flax import nnx
 
 from dsv4_jax.config import TrainConfig
 from dsv4_jax.train import curriculum
+from dsv4_jax.train.compile_ahead import CompileAhead
 from dsv4_jax.train.losses import cross_entropy, mtp_mask
 from dsv4_jax.train.step import balance_router_bias
 from helpers import tiny_config
@@ -72,7 +73,21 @@ def test_stage_plan_keeps_tokens_per_batch():
   assert [(p.start, p.end, p.batch_size) for p in plans] == [(0, 3, 4), (3, 6, 2)]
   assert plans[1].kind(3).indexer_only and plans[1].kind(3).attention == "dense"
   assert plans[1].kind(4) == curriculum.StepKind("sparse", True, False)
+  assert plans[1].kinds(0, 6) == [plans[1].kind(3), plans[1].kind(4)]
+  assert plans[1].kinds(4, 6) == [plans[1].kind(4)] and plans[0].kinds(3, 6) == []
   assert cfg.optimizer.total_steps == 6
+
+
+def test_compile_ahead_returns_programs_and_raises_their_errors():
+  compiler = CompileAhead()
+  square = jax.jit(lambda x: x * x)
+  compiler.submit("square", lambda: square.lower(jax.ShapeDtypeStruct((3,), jnp.float32)))
+  compiler.submit("broken", lambda: square.lower(object()))
+  np.testing.assert_array_equal(compiler.get("square")(jnp.arange(3.0)), [0.0, 1.0, 4.0])
+  with pytest.raises(TypeError):
+    compiler.get("broken")
+  with pytest.raises(KeyError, match="nothing was submitted for 'cube'"):
+    compiler.get("cube")
 
 
 def test_bad_train_config_is_named():

@@ -32,6 +32,10 @@ class StagePlan:
       return StepKind("dense", True, True)
     return StepKind(self.stage.attention, bool(self.stage.train_indexer), False)
 
+  def kinds(self, start: int, end: int) -> list[StepKind]:
+    """The distinct step kinds of global steps [start, end) of this stage, in order."""
+    return list(dict.fromkeys(self.kind(step) for step in range(max(start, self.start), min(end, self.end))))
+
   def describe(self) -> str:
     s = self.stage
     warm = f", indexer warm-up {s.indexer_warmup_steps} steps" if s.indexer_warmup_steps else ""

@@ -1,7 +1,7 @@
 """The training loop behind `dsv4 train`.
 
 Per curriculum stage: a data iterator of that stage's shape (continuing the token stream), one
-compilation per step kind, progress with loss / tokens/s / ETA, periodic validation (loss and bits
+compilation per step kind (all compiled ahead on a background thread, compile_ahead.py), progress with loss / tokens/s / ETA, periodic validation (loss and bits
 per byte), asynchronous checkpoints. Ctrl-C stops cleanly with a final checkpoint; `resume=True`
 continues from the latest checkpoint exactly (same data, same optimizer state, same curriculum stage).
 """
@@ -9,6 +9,7 @@ continues from the latest checkpoint exactly (same data, same optimizer state, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -22,11 +23,13 @@ from flax import nnx
 from dsv4_jax.config import TrainConfig
 from dsv4_jax.data import (bits_per_byte, corpus_unigram_byte_entropy, load_tokenizer, make_dataset,
                            validation_sample)
+from dsv4_jax.data.packing import empty_row
 from dsv4_jax.layers.model import Transformer
 from dsv4_jax.optim import build_optimizer
 from dsv4_jax.optim.schedule import learning_rate_schedule
 from dsv4_jax.train import curriculum
 from dsv4_jax.train.checkpoint import TrainCheckpointer
+from dsv4_jax.train.compile_ahead import CompileAhead, shapes_of
 from dsv4_jax.train.metrics import MetricsWriter
 from dsv4_jax.train.step import TrainState, make_eval_step, make_train_step, split_model
 
@@ -54,14 +57,40 @@ def _to_device(batch: dict) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def evaluate(evaluate_fn, state: TrainState, batches: list[dict], attention: str) -> dict:
-  """Validation loss (nats/token) and bits per byte over `batches` (a `validation_sample`)."""
+def evaluate(evaluate_fn, state: TrainState, batches: list[dict]) -> dict:
+  """Validation loss (nats/token) and bits per byte over `batches` (a `validation_sample`).
+
+  evaluate_fn(params, extra, batch) -> (loss sum in nats, target count, target bytes).
+  """
   loss_sum = count = n_bytes = 0.0
   for batch in batches:
-    s, c, b = evaluate_fn(state.params, state.extra, _to_device(batch), attention)
+    s, c, b = evaluate_fn(state.params, state.extra, _to_device(batch))
     loss_sum, count, n_bytes = loss_sum + float(s), count + float(c), n_bytes + float(b)
   return {"loss": loss_sum / max(count, 1.0), "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
           "tokens": count, "seq_len": batches[0]["input_ids"].shape[1]}
+
+
+def _batch_shapes(batch_size: int, seq_len: int) -> dict:
+  return {key: jax.ShapeDtypeStruct((batch_size, seq_len), value.dtype)
+          for key, value in empty_row(seq_len, 0).items()}
+
+
+def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState, first: int,
+                   total: int) -> CompileAhead:
+  """Queues, in the order the run needs them, the train steps of global steps [first, total) and
+  the evaluations among them (CompileAhead keys: ("train" | "eval", stage index, kind))."""
+  compiler = CompileAhead()
+  state_shapes = shapes_of(state)
+  for plan in plans:
+    batch = _batch_shapes(plan.batch_size, plan.stage.seq_len)
+    for kind in plan.kinds(first, total):
+      compiler.submit(("train", plan.index, kind), functools.partial(step_fn.lower, state_shapes, batch, kind))
+    evaluated = [step for step in range(max(first, plan.start) + 1, min(total, plan.end) + 1)
+                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == total)]
+    for kind in dict.fromkeys(plan.kind(step - 1) for step in evaluated):
+      compiler.submit(("eval", plan.index, kind), functools.partial(
+          eval_fn.lower, state_shapes.params, state_shapes.extra, batch, kind.attention))
+  return compiler
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = True,
@@ -95,6 +124,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
 
   total = cfg.optimizer.total_steps if max_steps is None else min(max_steps, cfg.optimizer.total_steps)
   step = int(state.step)
+  compiled = _compile_ahead(cfg, plans, step_fn, eval_fn, state, step, total)
   history, last_eval, interrupted = [], None, False
   start_time, tokens_done = time.time(), 0
   bar = None
@@ -113,7 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
       window_start, window_tokens = time.time(), 0.0
       while step < min(plan.end, total):
         batch = _to_device(next(it))
-        state, m = step_fn(state, batch, plan.kind(step))
+        state, m = compiled.get(("train", plan.index, plan.kind(step)))(state, batch)
         step += 1
         window_tokens += float(m["tokens"])
         if step % cfg.log_every == 0 or step == total:
@@ -133,7 +163,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
           if eval_batches is None:
             eval_batches = validation_sample(cfg.data, plan.stage.seq_len, plan.batch_size,
                                              max(1, cfg.eval_tokens // plan.stage.seq_len), tokenizer)
-          last_eval = evaluate(eval_fn, state, eval_batches, plan.kind(step - 1).attention)
+          last_eval = evaluate(compiled.get(("eval", plan.index, plan.kind(step - 1))), state, eval_batches)
           metrics.write(step, "eval", last_eval)
           log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
         data_state = it.get_state()

@@ -50,15 +50,18 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
   val = [r for r in records if r["kind"] == "eval"]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (nats/token)")
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("nats per token")
   if val:
     axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
     twin = axes[0].twinx()
     twin.plot([r["step"] for r in val], [r["bits_per_byte"] for r in val], "s--", color="tab:red",
               label="validation bits/byte")
     twin.set_ylabel("bits per byte")
-    twin.legend(loc="upper center")
-  axes[0].set_xlabel("step")
-  axes[0].legend()
+    lines = axes[0].get_lines() + twin.get_lines()   # one legend for both y axes
+    axes[0].legend(lines, [line.get_label() for line in lines], loc="upper right")
+  else:
+    axes[0].legend()
   axes[1].plot([r["step"] for r in train], [r.get("tokens_per_second", 0) for r in train])
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("tokens / s")
