@@ -29,8 +29,8 @@ SMALL_RUN = {
     "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2},
     "curriculum": [{"seq_len": 128, "steps": 3, "attention": "dense"},
                    {"seq_len": 256, "steps": 2, "attention": "sparse", "indexer_warmup_steps": 1}],
-    "train": {"tokens_per_batch": 512, "log_every": 1, "eval_every": 0, "checkpoint_every": 2,
-              "keep_checkpoints": 2},
+    "train": {"tokens_per_batch": 512, "log_every": 1, "eval_every": 3, "eval_tokens": 1024,
+              "checkpoint_every": 2, "keep_checkpoints": 2},
 }
 
 
@@ -44,10 +44,10 @@ def _run(config_path, run_dir, cache_dir, *flags):
   return result.stdout
 
 
-def _losses(run_dir):
+def _losses(run_dir, kind="train"):
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  return {r["step"]: (r["total"], r["loss"]) for r in records if r["kind"] == "train"}
+  return {r["step"]: (r.get("total"), r["loss"]) for r in records if r["kind"] == kind}
 
 
 def test_resume_is_bit_exact_across_processes_and_a_stage_boundary(tmp_path):
@@ -57,7 +57,8 @@ def test_resume_is_bit_exact_across_processes_and_a_stage_boundary(tmp_path):
   assert total == 3 + 2 + 1
   straight, split = tmp_path / "straight", tmp_path / "split"
   out = _run(config, straight, tmp_path / "cache")
-  assert "[curriculum] stage 1" in out
+  assert "[curriculum] stage 1" in out and "[eval] step 3" in out
+  assert "of the validation split's unigram byte entropy" in out.splitlines()[-1]
   _run(config, split, tmp_path / "cache", "--max_steps=2")   # stops inside stage 0
   _run(config, split, tmp_path / "cache", "--resume", "--max_steps=4")  # crosses into stage 1
   _run(config, split, tmp_path / "cache", "--resume")  # finishes stage 1 (indexer warm-up included)
@@ -65,6 +66,9 @@ def test_resume_is_bit_exact_across_processes_and_a_stage_boundary(tmp_path):
   assert sorted(a) == list(range(1, total + 1)) and sorted(b) == sorted(a)
   for step in a:
     assert a[step] == b[step], (step, a[step], b[step])
+  evals_straight, evals_split = _losses(straight, "eval"), _losses(split, "eval")
+  assert sorted(evals_straight) == [3, 6]   # the split runs also evaluate where they stop (2, 4)
+  assert all(evals_split[step] == evals_straight[step] for step in evals_straight)
 
 
 def test_stage_plan_keeps_tokens_per_batch():

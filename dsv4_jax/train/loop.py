@@ -1,8 +1,9 @@
 """The training loop behind `dsv4 train`.
 
 Per curriculum stage: a data iterator of that stage's shape (continuing the token stream), one
-compilation per step kind (all compiled ahead on a background thread, compile_ahead.py), progress with loss / tokens/s / ETA, periodic validation (loss and bits
-per byte), asynchronous checkpoints. Ctrl-C stops cleanly with a final checkpoint; `resume=True`
+compilation per step kind (all compiled ahead on a background thread, compile_ahead.py), progress
+with loss / tokens/s / ETA, periodic validation (loss and bits per byte on a fixed random sample of
+held-out rows), asynchronous checkpoints. Ctrl-C stops cleanly with a final checkpoint; `resume=True`
 continues from the latest checkpoint exactly (same data, same optimizer state, same curriculum stage).
 """
 
@@ -78,7 +79,7 @@ def _batch_shapes(batch_size: int, seq_len: int) -> dict:
 def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState, first: int,
                    total: int) -> CompileAhead:
   """Queues, in the order the run needs them, the train steps of global steps [first, total) and
-  the evaluations among them (CompileAhead keys: ("train" | "eval", stage index, kind))."""
+  the evaluations among them. Keys: ("train", stage index, step kind), ("eval", stage index, attention)."""
   compiler = CompileAhead()
   state_shapes = shapes_of(state)
   for plan in plans:
@@ -87,9 +88,9 @@ def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState,
       compiler.submit(("train", plan.index, kind), functools.partial(step_fn.lower, state_shapes, batch, kind))
     evaluated = [step for step in range(max(first, plan.start) + 1, min(total, plan.end) + 1)
                  if cfg.eval_every and (step % cfg.eval_every == 0 or step == total)]
-    for kind in dict.fromkeys(plan.kind(step - 1) for step in evaluated):
-      compiler.submit(("eval", plan.index, kind), functools.partial(
-          eval_fn.lower, state_shapes.params, state_shapes.extra, batch, kind.attention))
+    for attention in dict.fromkeys(plan.kind(step - 1).attention for step in evaluated):
+      compiler.submit(("eval", plan.index, attention), functools.partial(
+          eval_fn.lower, state_shapes.params, state_shapes.extra, batch, attention))
   return compiler
 
 
@@ -163,7 +164,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
           if eval_batches is None:
             eval_batches = validation_sample(cfg.data, plan.stage.seq_len, plan.batch_size,
                                              max(1, cfg.eval_tokens // plan.stage.seq_len), tokenizer)
-          last_eval = evaluate(compiled.get(("eval", plan.index, plan.kind(step - 1))), state, eval_batches)
+          evaluate_fn = compiled.get(("eval", plan.index, plan.kind(step - 1).attention))
+          last_eval = evaluate(evaluate_fn, state, eval_batches)
           metrics.write(step, "eval", last_eval)
           log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
         data_state = it.get_state()
