@@ -96,7 +96,4 @@ def mask_properties(fns) -> list[Result]:
 
 def properties(**overrides) -> list[Result]:
   fns = _fns(overrides)
-  results = []
-  for contract in contracts(fns):
-    results.extend(check(contract))
-  return results + mask_properties(fns)
+  return [result for contract in contracts(fns) for result in check(contract)] + mask_properties(fns)

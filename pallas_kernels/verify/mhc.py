@@ -86,7 +86,4 @@ def lane_properties(fns) -> list[Result]:
 
 def properties(**overrides) -> list[Result]:
   fns = _fns(overrides)
-  results = []
-  for contract in contracts(fns):
-    results.extend(check(contract))
-  return results + lane_properties(fns)
+  return [result for contract in contracts(fns) for result in check(contract)] + lane_properties(fns)
