@@ -26,7 +26,7 @@ from flax import nnx
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.layers.compressor import Compressor
 from dsv4_jax.layers.indexer import Indexer
-from dsv4_jax.layers.linear import Linear, param
+from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.norms import RMSNorm, rms_norm
 from dsv4_jax.layers.rope import apply_rope, layer_frequencies
 from dsv4_jax.ops import dispatch
@@ -87,7 +87,7 @@ class Attention(nnx.Module):
     self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, ("o_lora", "heads"),
                        rngs=rngs, cfg=cfg)
     self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, ("embed", "o_lora"), rngs=rngs, cfg=cfg)
-    self.attn_sink = param(None, (h,), ("heads",), value=0.0)
+    self.attn_sink = param(None, (h,), ("heads",), value=0.0, optimizer=ADAMW)
     if ratio:
       self.compressor = Compressor(cfg, ratio, hd, rngs=rngs)
     if ratio == 4:

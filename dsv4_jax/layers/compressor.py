@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.layers.linear import Linear, param
+from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.norms import RMSNorm
 from dsv4_jax.layers.rope import apply_rope
 
@@ -58,7 +58,7 @@ class Compressor(nnx.Module):
     d = cfg.hidden_size
     self.wkv = Linear(d, coff * out_dim, ("kv_pool", "embed"), rngs=rngs, cfg=cfg, dtype=jnp.float32)
     self.wgate = Linear(d, coff * out_dim, ("kv_pool", "embed"), rngs=rngs, cfg=cfg, dtype=jnp.float32)
-    self.ape = param(None, (ratio, coff * out_dim), (None, "kv_pool"), value=0.0)
+    self.ape = param(None, (ratio, coff * out_dim), (None, "kv_pool"), value=0.0, optimizer=ADAMW)
     self.norm = RMSNorm(out_dim, cfg.rms_norm_eps, axis="kv")
     self.rope_dim = cfg.qk_rope_head_dim
 

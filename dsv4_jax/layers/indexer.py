@@ -5,7 +5,8 @@ Parameters: wq_b [Hi·Di, q_lora], weights_proj [Hi, d], and its own overlap com
   K_I = Compressor(x) [B, S/4, Di];  score(t, i) = Σ_h w[t,h] · ReLU(q_I[t,h] · K_I[i]).
 With `qat`, q_I and K_I are Hadamard-rotated and FP4 fake-quantised as in the released model.
 The indexer is trained only by the KL loss toward the main attention (its inputs are stop-gradient'd
-by the caller).
+by the caller); each of its parameters carries the metadata `indexer=True`, which is how training
+finds them (the indexer warm-up updates nothing else).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Indexer(nnx.Module):
     self.weights_proj = Linear(cfg.hidden_size, self.n_heads, ("index_heads", "embed"), rngs=rngs, cfg=cfg)
     self.compressor = Compressor(cfg, ratio, self.head_dim, rngs=rngs)
     self.qat = cfg.qat
+    for _, var in nnx.iter_graph(self):
+      if isinstance(var, nnx.Param):
+        var.set_metadata(indexer=True)
 
   def _quantise(self, x: jax.Array) -> jax.Array:
     return fake_quant_fp4(hadamard_rotate(x)) if self.qat else x

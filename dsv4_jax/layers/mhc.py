@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.layers.linear import param
+from dsv4_jax.layers.linear import ADAMW, MUON, param
 from dsv4_jax.ops.sinkhorn import sinkhorn
 
 
@@ -59,9 +59,9 @@ class HyperConnection(nnx.Module):
 
   def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
     n = cfg.hc_mult
-    self.fn = param(rngs, (cfg.mix_hc, n * dim), ("hc_mix", "hc_embed"), std=cfg.init_std)
-    self.base = param(None, (cfg.mix_hc,), ("hc_mix",), value=0.0)
-    self.scale = param(None, (3,), (None,), value=1.0)
+    self.fn = param(rngs, (cfg.mix_hc, n * dim), ("hc_mix", "hc_embed"), std=cfg.init_std, optimizer=MUON)
+    self.base = param(None, (cfg.mix_hc,), ("hc_mix",), value=0.0, optimizer=ADAMW)
+    self.scale = param(None, (3,), (None,), value=1.0, optimizer=ADAMW)
     self.n, self.iters, self.hc_eps, self.norm_eps = n, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
 
   def pre(self, x: jax.Array):
@@ -76,9 +76,9 @@ class HyperConnectionHead(nnx.Module):
 
   def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
     n = cfg.hc_mult
-    self.fn = param(rngs, (n, n * dim), ("hc", "hc_embed"), std=cfg.init_std)
-    self.base = param(None, (n,), ("hc",), value=0.0)
-    self.scale = param(None, (1,), (None,), value=1.0)
+    self.fn = param(rngs, (n, n * dim), ("hc", "hc_embed"), std=cfg.init_std, optimizer=MUON)
+    self.base = param(None, (n,), ("hc",), value=0.0, optimizer=ADAMW)
+    self.scale = param(None, (1,), (None,), value=1.0, optimizer=ADAMW)
     self.hc_eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.layers.block import Block
-from dsv4_jax.layers.linear import Linear, param
+from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.mhc import HyperConnectionHead
 from dsv4_jax.layers.norms import RMSNorm
 from dsv4_jax.parallel.mesh import constrain
@@ -72,7 +72,8 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
     self.hc_head = HyperConnectionHead(d, cfg, rngs=rngs)
     self.norm = RMSNorm(d, cfg.rms_norm_eps)
-    self.head = Linear(d, cfg.vocab_size, ("vocab", "embed"), rngs=rngs, cfg=cfg, dtype=jnp.float32)
+    self.head = Linear(d, cfg.vocab_size, ("vocab", "embed"), rngs=rngs, cfg=cfg, dtype=jnp.float32,
+                       optimizer=ADAMW)
     self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs=rngs)
                          for i in range(cfg.num_nextn_predict_layers)])
 
@@ -121,7 +122,7 @@ class _Embedding(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.weight = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.init_std,
-                        dtype=jnp.dtype(cfg.param_dtype))
+                        dtype=jnp.dtype(cfg.param_dtype), optimizer=ADAMW)
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:

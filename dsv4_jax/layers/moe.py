@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.layers.linear import Linear, param
+from dsv4_jax.layers.linear import MUON, Linear, param
 
 
 class RouterBias(nnx.Variable):
@@ -67,9 +67,9 @@ class RoutedExperts(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     pd = jnp.dtype(cfg.param_dtype)
-    self.w1 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=cfg.init_std, dtype=pd)
-    self.w2 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=cfg.init_std, dtype=pd)
-    self.w3 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=cfg.init_std, dtype=pd)
+    self.w1 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=cfg.init_std, dtype=pd, optimizer=MUON)
+    self.w2 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=cfg.init_std, dtype=pd, optimizer=MUON)
+    self.w3 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=cfg.init_std, dtype=pd, optimizer=MUON)
     self.limit, self.dtype = cfg.swiglu_limit, jnp.dtype(cfg.dtype)
 
   def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
@@ -95,7 +95,7 @@ class Gate(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, hash_routed: bool, *, rngs: nnx.Rngs):
     e = cfg.n_routed_experts
-    self.weight = param(rngs, (e, cfg.hidden_size), ("experts", "embed"), std=cfg.init_std)
+    self.weight = param(rngs, (e, cfg.hidden_size), ("experts", "embed"), std=cfg.init_std, optimizer=MUON)
     self.hash_routed = hash_routed
     if hash_routed:
       # A fixed balanced assignment: token v uses experts (v·K + j) mod E.

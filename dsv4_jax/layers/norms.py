@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv4_jax.layers.linear import param
+from dsv4_jax.layers.linear import ADAMW, param
 
 
 def rms_norm(x: jax.Array, eps: float, weight: jax.Array | None = None) -> jax.Array:
@@ -20,7 +20,7 @@ class RMSNorm(nnx.Module):
   """RMSNorm over the last axis with a learned weight [dim] (logical axis `axis`)."""
 
   def __init__(self, dim: int, eps: float, axis: str = "embed"):
-    self.weight = param(None, (dim,), (axis,), value=1.0)
+    self.weight = param(None, (dim,), (axis,), value=1.0, optimizer=ADAMW)
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
