@@ -117,6 +117,16 @@ class Transformer(nnx.Module):
     return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux)
 
 
+  def balance_router_bias(self, aux: dict[str, Any], speed: float) -> None:
+    """Aux-loss-free balancing, after an optimizer step: every score-routed gate moves its bias by
+    speed · sign(mean load − load), from the per-layer expert loads this model reported in `aux`
+    (a ModelOutput.aux). Hash-routed gates have no bias and are left as they are."""
+    for block, load in zip(self.layers, aux["expert_load"]):
+      block.ffn.gate.update_bias(load, speed)
+    for block, load in zip(self.mtp, aux.get("mtp_expert_load", ())):
+      block.ffn.gate.update_bias(load, speed)
+
+
 class _Embedding(nnx.Module):
   """embed.weight [V, d]."""
 
