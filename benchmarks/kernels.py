@@ -54,7 +54,7 @@ def _rand(key, shape, dtype=jnp.bfloat16):
 
 def cases(tokens, interpret):
   """[(name, pallas_fn, xla_fn, args, bytes, flops)] at `tokens` query tokens (batch 1)."""
-  from dsv4_jax.layers import mhc as ref_mhc
+  from dsv4_jax.ops import mhc as ref_mhc
   from dsv4_jax.ops import indexer as ref_indexer
   from dsv4_jax.ops import sparse_attention as ref_sa
   from pallas_kernels import indexer, mhc, sparse_attention
@@ -85,10 +85,6 @@ def cases(tokens, interpret):
   mixes, scale, base = _rand(ks[7], (1, s, 24), jnp.float32), jnp.ones((3,)), jnp.zeros((24,))
   y, post, comb = _rand(ks[8], (1, s, dm)), _rand(ks[9], (1, s, n), jnp.float32), _rand(ks[10], (1, s, n, n), jnp.float32)
 
-  def ref_pre(x, mixes, scale, base):
-    pre, post, comb = ref_mhc.hc_split(mixes, scale, base, n, 20, 1e-6)
-    return ref_mhc.weighted_stream_sum(x, pre), post, comb
-
   return [
       ("sparse_attention fwd", pallas_sa, xla_sa, (q, kv, sink, idx), sa_bytes, sa_flops),
       ("sparse_attention fwd+bwd", fwd_bwd(pallas_sa), fwd_bwd(xla_sa), (q, kv, sink, idx), 3 * sa_bytes,
@@ -99,7 +95,8 @@ def cases(tokens, interpret):
                                          ref_indexer.indexer_scores(a, b, c), -jnp.inf)),
        (iq, iw, ik), ix_bytes, ix_flops),
       ("mhc_pre (Sinkhorn + Σ pre·X)", jax.jit(lambda *a: mhc.mhc_pre(*a, iters=20, eps=1e-6, **kw)),
-       jax.jit(ref_pre), (x, mixes, scale, base), x.size * 2 + s * dm * 2, 2 * s * n * dm + s * 20 * 64),
+       jax.jit(lambda *a: ref_mhc.mhc_pre(*a, iters=20, eps=1e-6)), (x, mixes, scale, base),
+       x.size * 2 + s * dm * 2, 2 * s * n * dm + s * 20 * 64),
       ("mhc_post", jax.jit(lambda *a: mhc.mhc_post(*a, **kw)), jax.jit(ref_mhc.mhc_post), (y, x, post, comb),
        2 * x.size * 2 + y.size * 2, 2 * s * n * n * dm + 2 * s * n * dm),
   ]

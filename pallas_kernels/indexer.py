@@ -3,7 +3,8 @@
   score[b, t, i] = Σ_h w[b, t, h] · ReLU(q[b, t, h] · k[b, i])     if entry i is visible to query t
                  = −inf                                             otherwise
   entry i is visible to the query at position t  iff  i < (t + 1) // ratio
-(entry i pools tokens i·r .. i·r + r − 1, so it exists once all of them are ≤ t).
+(entry i pools tokens i·r .. i·r + r − 1, so it exists once all of them are ≤ t). The mask is
+`index_rules.entry_visible`, the model's one definition of the rule, looked up at trace time.
 
 Shapes: q [B, C, Hi, Di], w [B, C, Hi], k [B, N, Di], rows [B, C] (query positions, default 0..C−1);
 scores [B, C, N] fp32. `ratio=None` skips the mask (then equal to dsv4_jax.ops.indexer.indexer_scores).
@@ -33,6 +34,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import index_rules
 from pallas_kernels.common import kernel_call, resolve_interpret
 from pallas_kernels.intmath import cdiv, floordiv
 
@@ -80,11 +82,6 @@ def score_block(bi, ci, ni):
 def entry(ni, lane, bn):
   """Compressed-entry index of lane `lane` of entry tile ni."""
   return ni * bn + lane
-
-
-def entry_visible(t, i, ratio):
-  """The causal rule: entry i is complete (all of its `ratio` tokens seen) by query position t."""
-  return i < floordiv(t + 1, ratio)
 
 
 # index maps: forward / dq-dw grid (bi, ci, ni); dk grid (bi, ni, ci)
@@ -135,7 +132,7 @@ def _visible(rows_ref, ni, bc, bn, ratio):
   if ratio is None:
     return jnp.ones((bc, bn), jnp.bool_)
   lane = jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
-  return entry_visible(rows_ref[...], entry(ni, lane, bn), ratio)
+  return index_rules.entry_visible(rows_ref[...], entry(ni, lane, bn), ratio)
 
 
 def _head_dots(q_ref, k, h):

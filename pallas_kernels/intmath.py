@@ -5,9 +5,9 @@ function of integers built only from +, −, ·, comparisons and the helpers bel
 called with Python ints / traced jnp int32 scalars or vectors inside a kernel, and with Z3 integer terms
 by `pallas_kernels.verify`, so what is proved is exactly what runs.
 
-Helpers dispatch on the argument type: Z3 terms get z3.If / z3.And / integer division (SMT-LIB `div`,
-which equals floor division for the positive divisors used here); everything else goes to jnp (or to
-plain Python for Python ints). z3 is never imported here: a Z3 term can only exist if the verifier
+Helpers dispatch on the argument type: Z3 terms get z3.If / z3.And / integer division and remainder
+(SMT-LIB `div` / `mod`, which equal floor division / floor modulo for the positive divisors used here,
+for negative dividends too); everything else goes to jnp (or to plain Python for Python ints). z3 is never imported here: a Z3 term can only exist if the verifier
 already imported it.
 """
 
@@ -56,6 +56,13 @@ def floordiv(a, b):
   if is_symbolic(a, b):
     return a / b  # SMT-LIB integer div: floor for positive divisors
   return a // b
+
+
+def mod(a, b):
+  """a mod b ∈ [0, b) for b > 0 (floor modulo, also for negative a): a = b·floordiv(a, b) + mod(a, b)."""
+  # Z3: SMT-LIB `mod` (z3's `%` on Int terms), non-negative for b ≠ 0; Python ints and jnp arrays
+  # (jnp.remainder): floor modulo, with the sign of the (positive) divisor. Same value for b > 0.
+  return a % b
 
 
 def cdiv(a, b):

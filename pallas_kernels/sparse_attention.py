@@ -4,7 +4,9 @@
   p = exp(ℓ − lse),   lse[b,s,h] = log(exp(sink[h]) + Σ_{k: idx ≥ 0} exp(ℓ[b,s,h,k]))
 
 Shapes: q [B, S, H, D], kv [B, N, D] (one head used as key and value), sink [H], idx [B, S, K] with
-−1 marking an empty slot. Same function and signature as `dsv4_jax.ops.sparse_attention`.
+−1 marking an empty slot. Same function and signature as `dsv4_jax.ops.sparse_attention`. Callers build
+idx with the rules of `pallas_kernels.index_rules` (window rows, compressed rows, top-k slots); the kernel
+itself only reads idx, so its own integer arithmetic is the grid / slot / tile layout below.
 
 Kernel layout. Grid (B, S, K/T): one program per token holds all H heads of that token, and walks the
 token's K slots in tiles of T gathered rows along the last, sequential grid axis. `idx` is scalar-
@@ -91,24 +93,6 @@ def is_first_tile(kt):
 
 def is_last_tile(kt, n_tiles):
   return kt == n_tiles - 1
-
-
-def window_row(t, w, window):
-  """Row read by window slot w ∈ [0, W) of query t (slot W−1 is t itself)."""
-  return t - window + 1 + w
-
-
-def window_slot_valid(row):
-  """A window slot is used iff its row exists (is not before the sequence start)."""
-  return row >= 0
-
-
-def window_indices(rows: jax.Array, window: int) -> jax.Array:
-  """rows [B, C] query positions -> idx [B, C, W] of rows t−W+1..t, −1 before the sequence start."""
-  w = jnp.arange(window, dtype=jnp.int32)
-  t = rows[..., None].astype(jnp.int32)
-  row = window_row(t, w, window)
-  return select(window_slot_valid(row), row, -1)
 
 
 # ---- kernels ----

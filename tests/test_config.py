@@ -1,10 +1,12 @@
-"""ModelConfig: YAML and hub config.json loading, released numbers, validation errors."""
+"""Configs: YAML and hub config.json loading, released numbers, validation and unknown-key errors."""
 
 import json
 
 import pytest
+import yaml
 
-from dsv4_jax.config import ConfigError, ModelConfig
+from dsv4_jax.config import (ConfigError, CurriculumStage, DataConfig, ModelConfig, OptimizerConfig, TrainConfig,
+                             from_mapping)
 from helpers import TINY
 
 RELEASED_FLASH = {  # the released DeepSeek-V4-Flash config.json (abridged to architecture + metadata keys)
@@ -69,7 +71,7 @@ def test_validation_errors(change, message):
 def test_unknown_yaml_key(tmp_path):
   path = tmp_path / "bad.yaml"
   path.write_text("model:\n  hidden_size: 64\n  hiden_layers: 3\n")
-  with pytest.raises(ConfigError, match=r"unknown model config keys \['hiden_layers'\]"):
+  with pytest.raises(ConfigError, match=r"unknown model keys \['hiden_layers'\]; known keys: \[.*'hidden_size'"):
     ModelConfig.from_yaml(path)
 
 
@@ -78,3 +80,43 @@ def test_hub_config_without_ratios():
   del bad["compress_ratios"]
   with pytest.raises(ConfigError, match="missing 'compress_ratios'"):
     ModelConfig.from_hf_config(bad)
+
+
+def _tiny_run():
+  with open("configs/tiny.yaml") as f:
+    return yaml.safe_load(f)
+
+
+def test_tiny_train_yaml_builds_typed_sections():
+  cfg = TrainConfig.from_yaml("configs/tiny.yaml", {"optimizer.learning_rate": "1.0e-3"})
+  assert isinstance(cfg.data, DataConfig) and isinstance(cfg.optimizer, OptimizerConfig)
+  assert all(isinstance(s, CurriculumStage) for s in cfg.curriculum)
+  assert cfg.optimizer.learning_rate == 1e-3 and cfg.optimizer.total_steps == cfg.total_steps == 312
+
+
+@pytest.mark.parametrize("section, change, message", [
+    ("mesh", {"data": 1}, r"unknown config sections \['mesh'\]"),
+    ("data", {"sorce": "text"}, r"unknown data keys \['sorce'\]; known keys: \[.*'source'"),
+    ("optimizer", {"lr": 1.0}, r"unknown optimizer keys \['lr'\]; known keys: \[.*'learning_rate'"),
+    ("optimizer", {"total_steps": 5}, r"optimizer: keys \['total_steps'\] may not be set here"),
+    ("train", {"model": {}}, r"train: keys \['model'\] may not be set here"),
+    ("curriculum", [{"seq_len": 256, "steps": 1, "atention": "dense"}], r"unknown curriculum\[0\] keys \['atention'\]"),
+    ("curriculum", ["short"], r"curriculum\[0\]: expected a mapping of config keys, got str"),
+    ("model", None, r"model: missing section"),
+])
+def test_train_config_rejects_unknown_keys(section, change, message):
+  raw = _tiny_run()
+  if isinstance(change, dict) and isinstance(raw.get(section), dict):
+    raw[section] = {**raw[section], **change}
+  else:
+    raw[section] = change
+  with pytest.raises(ConfigError, match=message):
+    TrainConfig.from_dict(raw)
+
+
+def test_from_mapping_names_section_unknown_and_known_keys():
+  with pytest.raises(ConfigError) as error:
+    from_mapping(CurriculumStage, {"seq_len": 8, "steps": 1, "x": 1, "a": 2}, "curriculum[3]")
+  known = sorted(f for f in CurriculumStage.__dataclass_fields__)
+  assert str(error.value) == f"unknown curriculum[3] keys ['a', 'x']; known keys: {known}"
+  assert from_mapping(DataConfig, None, "data") == DataConfig()

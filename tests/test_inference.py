@@ -14,7 +14,7 @@ import pytest
 from helpers import forward_fn, tiny_config, tiny_model
 
 from dsv4_jax.inference import Engine, decode_compilations, init_cache
-from dsv4_jax.inference.cache import decode_rows, encode_rows
+from dsv4_jax.ops.kv_storage import decode_rows, encode_rows
 from dsv4_jax.inference.cache_size import load_config, report
 from dsv4_jax.inference.sampling import generate, sample
 from dsv4_jax.ops.quantization import fake_quant_fp8

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv4_jax.layers.mhc import HyperConnection, HyperConnectionHead, mhc_post
-from dsv4_jax.ops.sinkhorn import sinkhorn
+from dsv4_jax.layers.mhc import HyperConnection, HyperConnectionHead
+from dsv4_jax.ops.mhc import sinkhorn
 from tests.helpers import randomize, tiny_config
 
 ITERS, EPS = 20, 1e-6
@@ -101,7 +101,7 @@ def test_mhc_pre_and_post_match_spec(hc_setup):
   layer_out = np.random.default_rng(6).standard_normal(y_ref.shape).astype(np.float32)
   # Y_j = post_j · F + Σ_i comb[i, j] X_i  (comb applied transposed).
   expected = post[..., None] * layer_out[:, :, None, :] + np.einsum("bsij,bsid->bsjd", comb, x)
-  got = mhc_post(jnp.asarray(layer_out), jnp.asarray(x), post_out, comb_out)
+  got = nnx.jit(lambda m, *a: m.post(*a))(hc, jnp.asarray(layer_out), jnp.asarray(x), post_out, comb_out)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
   # Non-symmetric comb: the transposed application is distinguishable from the plain one.
   wrong = post[..., None] * layer_out[:, :, None, :] + np.einsum("bsji,bsid->bsjd", comb, x)
@@ -115,3 +115,47 @@ def test_hc_head_matches_spec(hc_setup):
   expected = np.einsum("bsn,bsnd->bsd", pre, x)
   got = nnx.jit(lambda m, v: m(v))(head, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def hc_values_and_grads(kernels: str, x: np.ndarray):
+  """pre and post outputs of a HyperConnection(kernels=...) and the gradients of a random linear
+  functional of all of them w.r.t. fn, base, scale, X and the block output F(y)."""
+  cfg = tiny_config(kernels=kernels)
+  hc = randomize(HyperConnection(cfg.hidden_size, cfg, rngs=nnx.Rngs(0)), seed=3)
+  assert hc.kernels == kernels
+  rng = np.random.default_rng(7)
+  b, s, n, d = x.shape
+  cot = [jnp.asarray(rng.standard_normal(shape), jnp.float32)
+         for shape in ((b, s, d), (b, s, n), (b, s, n, n), (b, s, n, d))]
+  f_extra = jnp.asarray(rng.standard_normal((b, s, d)), jnp.float32)
+
+  def loss(m, x, f_extra):
+    y, post, comb = m.pre(x)
+    out = m.post(jnp.tanh(y) + f_extra, x, post, comb)  # a stand-in block F(y) = tanh(y) (+ a free input)
+    outs = (y, post, comb, out)
+    return sum(jnp.sum(o * c) for o, c in zip(outs, cot)), outs
+
+  grad_fn = nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  (_, outs), (g_module, g_x, g_f) = nnx.jit(grad_fn)(hc, jnp.asarray(x), f_extra)
+  return outs, {"fn": g_module.fn[...], "base": g_module.base[...], "scale": g_module.scale[...],
+                "x": g_x, "F(y)": g_f}
+
+
+def test_pallas_hyper_connection_matches_xla(hc_setup):
+  """kernels="pallas" (interpret mode on CPU) and kernels="xla": same pre/post outputs and gradients."""
+  _, _, _, x = hc_setup
+  outs_x, grads_x = hc_values_and_grads("xla", x)
+  outs_p, grads_p = hc_values_and_grads("pallas", x)
+  for name, got, want in zip(("y", "post", "comb", "Y"), outs_p, outs_x):
+    assert got.dtype == want.dtype == jnp.float32, name
+    assert rel_err(got, want) <= 1e-5, f"{name}: relative error {rel_err(got, want):.3g}"
+  for name in grads_x:
+    assert np.all(np.isfinite(np.asarray(grads_p[name]))), name
+    assert np.max(np.abs(np.asarray(grads_x[name]))) > 0, name
+    assert rel_err(grads_p[name], grads_x[name]) <= 1e-5, \
+        f"d/d{name}: relative error {rel_err(grads_p[name], grads_x[name]):.3g}"

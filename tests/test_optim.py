@@ -314,11 +314,11 @@ def test_schedule_at_key_steps():
 
 
 def test_config_rejects_inconsistent_values():
-  from dsv4_jax.config import ConfigError
+  from dsv4_jax.config import ConfigError, from_mapping
   with pytest.raises(ConfigError, match="warmup_steps"):
     OptimizerConfig(warmup_steps=200, total_steps=100)
   with pytest.raises(ConfigError, match="overlaps the warm-up"):
     OptimizerConfig(warmup_steps=90, total_steps=100, decay_fraction=0.5)
-  with pytest.raises(ConfigError, match="unknown optimizer config keys"):
-    OptimizerConfig.from_dict({"lr": 1.0})
+  with pytest.raises(ConfigError, match="unknown optimizer keys"):
+    from_mapping(OptimizerConfig, {"lr": 1.0}, "optimizer")
   assert OptimizerConfig().ns_coefficients == ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2

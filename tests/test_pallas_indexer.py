@@ -1,8 +1,9 @@
 """Pallas indexer scores (interpret mode) against dsv4_jax.ops.indexer (scores, select_topk).
 
-The kernel applies the causal rule itself (entry i visible to query t iff i < (t+1)//ratio); the
-reference gets the same rule as an explicit mask built here from the definition (all of entry i's
-tokens i·r .. i·r+r−1 are ≤ t). Forward, top-k and every gradient; outputs poisoned with NaN.
+The kernel applies the causal rule itself (`index_rules.entry_visible`: entry i visible to query t iff
+i < (t+1)//ratio); the reference gets the same rule as an explicit mask built here from the definition
+(all of entry i's tokens i·r .. i·r+r−1 are ≤ t). Forward, top-k and every gradient; outputs poisoned
+with NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from dsv4_jax.ops.indexer import indexer_scores as reference_scores
 from dsv4_jax.ops.indexer import select_topk as reference_topk
+from pallas_kernels import index_rules
 from pallas_kernels.common import poison_outputs
 from pallas_kernels.indexer import indexer_scores, indexer_topk
 
@@ -95,6 +97,21 @@ def test_topk_matches_reference_and_is_duplicate_free():
     chosen = row[row >= 0]
     assert len(set(chosen.tolist())) == len(chosen)
   assert np.all(idx[:, :3] == -1)  # queries 0..2 see no complete entry of 4 tokens
+
+
+def test_kernel_mask_is_the_index_rule(monkeypatch):
+  """The in-kernel mask is index_rules.entry_visible, looked up at trace time: patching it changes it."""
+  b, c, hi, di, n, ratio = 1, 8, 2, 8, 4, 2
+  q, w, k, _ = inputs(5, b, c, hi, di, n)
+  rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+  t, i = np.arange(c)[:, None], np.arange(n)[None, :]
+  rule = np.vectorize(lambda t, i: bool(index_rules.entry_visible(int(t), int(i), ratio)))(t, i)
+  np.testing.assert_array_equal(rule, np.asarray(spec_visible(rows, n, ratio))[0])
+  got = indexer_scores(q, w, k, ratio=ratio, rows=rows)
+  np.testing.assert_array_equal(~np.isneginf(np.asarray(got))[0], rule)
+  monkeypatch.setattr(index_rules, "entry_visible", lambda t, i, r: i <= (t + 1) // r)  # off by one
+  got = indexer_scores(q, w, k, ratio=ratio, rows=rows)
+  np.testing.assert_array_equal(~np.isneginf(np.asarray(got))[0], i <= (t + 1) // ratio)
 
 
 def test_unmasked_scores_equal_reference():

@@ -1,5 +1,5 @@
-"""Pallas mHC kernels (interpret mode) against dsv4_jax.layers.mhc (hc_split + weighted_stream_sum,
-mhc_post): forward and every gradient, fp32 and bf16, generic and TPU interpreters; outputs poisoned."""
+"""Pallas mHC kernels (interpret mode) against the XLA reference dsv4_jax.ops.mhc (mhc_pre, mhc_post):
+forward and every gradient, fp32 and bf16, generic and TPU interpreters; outputs poisoned."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from dsv4_jax.layers import mhc as reference
+from dsv4_jax.ops import mhc as reference
 from pallas_kernels.common import poison_outputs
 from pallas_kernels.mhc import mhc_post, mhc_pre
 
@@ -26,9 +26,7 @@ def normal(rng, *shape):
 
 
 def reference_pre(x, mixes, scale, base):
-  n = x.shape[-2]
-  pre, post, comb = reference.hc_split(mixes, scale, base, n, ITERS, EPS)
-  return reference.weighted_stream_sum(x, pre), post, comb
+  return reference.mhc_pre(x, mixes, scale, base, iters=ITERS, eps=EPS)
 
 
 def value_and_grads(fn, args, cotangents, argnums):
@@ -89,15 +87,16 @@ def test_tpu_interpret_mode():
   params = pltpu.InterpretParams(uninitialized_memory="nan")
   args, cot = pre_args(3, 1, 2, 2, 8, jnp.float32)
   check(lambda *a: mhc_pre(*a, iters=3, eps=EPS, interpret=params),
-        lambda x, m, s, b: (reference.weighted_stream_sum(x, reference.hc_split(m, s, b, 2, 3, EPS)[0]),)
-        + reference.hc_split(m, s, b, 2, 3, EPS)[1:], args, cot, 1e-5)
+        lambda *a: reference.mhc_pre(*a, iters=3, eps=EPS), args, cot, 1e-5)
   args, cot = post_args(4, 1, 2, 2, 8, jnp.float32)
   check(lambda *a: mhc_post(*a, interpret=params), reference.mhc_post, args, cot, 1e-5)
 
 
-def test_shape_errors():
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_shape_errors(impl):
+  pre_fn, post_fn = (mhc_pre, mhc_post) if impl == "pallas" else (reference.mhc_pre, reference.mhc_post)
   (x, mixes, scale, base), _ = pre_args(5, 1, 2, 4, 8, jnp.float32)
   with pytest.raises(ValueError, match="mixes must be"):
-    mhc_pre(x, mixes[..., :-1], scale, base, iters=2, eps=EPS)
+    pre_fn(x, mixes[..., :-1], scale, base, iters=2, eps=EPS)
   with pytest.raises(ValueError, match="mhc_post"):
-    mhc_post(x[..., 0, :], x, mixes[..., :4], mixes[..., :3])
+    post_fn(x[..., 0, :], x, mixes[..., :4], mixes[..., :3])

@@ -14,8 +14,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from dsv4_jax.ops.sparse_attention import sparse_attention as reference
+from pallas_kernels import index_rules
 from pallas_kernels.common import poison_outputs
-from pallas_kernels.sparse_attention import sparse_attention, window_indices
+from pallas_kernels.sparse_attention import sparse_attention
 
 
 def rel_err(a, b):
@@ -42,17 +43,31 @@ def random_idx(seed, b, s, k, n):
   return jnp.asarray(idx, jnp.int32)
 
 
+def window_idx(rows, window, segment_ids=None):
+  """rows [B, C] query positions -> [B, C, W] window rows, −1 where not visible (index_rules)."""
+  t = rows[..., None].astype(jnp.int32)
+  s = index_rules.window_row(t, jnp.arange(window, dtype=jnp.int32), window)
+  if segment_ids is None:
+    seg_t = seg_s = 0
+  else:
+    b, c, w = s.shape
+    seg_t = jnp.take_along_axis(segment_ids, rows, axis=1)[..., None]
+    seg_s = jnp.take_along_axis(segment_ids, jnp.clip(s, 0).reshape(b, c * w), axis=1).reshape(b, c, w)
+  return jnp.where(index_rules.window_visible(t, s, window, seg_t, seg_s), s, -1)
+
+
 def window_topk_idx(seed, b, s, window, n_compressed, topk, ratio):
-  """Window rows of each query ∪ a duplicate-free top-k of its visible compressed entries (rows ≥ S)."""
+  """Window rows of each query ∪ a duplicate-free top-k of its compressed entries (rows ≥ S), kept iff
+  visible; the layout [window rows | compressed rows] is index_rules.compressed_row with base S."""
   rng = np.random.default_rng(seed)
   rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  win = np.asarray(window_indices(rows, window))
+  win = np.asarray(window_idx(rows, window))
   comp = np.full((b, s, topk), -1)
   for bi in range(b):
     for t in range(s):
-      visible = np.arange((t + 1) // ratio)
-      pick = rng.permutation(visible)[:topk]
-      comp[bi, t, :len(pick)] = pick + s
+      pick = rng.permutation(n_compressed)[:topk]
+      kept = [index_rules.topk_slot(int(i), index_rules.entry_visible(t, int(i), ratio)) for i in pick]
+      comp[bi, t, :len(pick)] = [index_rules.compressed_row(e, s) for e in kept]
   return jnp.asarray(np.concatenate([win, comp], axis=-1), jnp.int32)
 
 
@@ -128,11 +143,14 @@ def test_inside_lax_map_checkpoint_and_grad():
     assert rel_err(g, w) <= 1e-5
 
 
-def test_window_indices_match_spec():
+def test_window_idx_from_index_rules_match_spec():
   rows = jnp.array([[0, 3, 9]], jnp.int32)
-  got = np.asarray(window_indices(rows, 4))
+  got = np.asarray(window_idx(rows, 4))
   want = [[t - 3 + w if t - 3 + w >= 0 else -1 for w in range(4)] for t in (0, 3, 9)]
   np.testing.assert_array_equal(got[0], want)
+  segments = jnp.array([[0] * 5 + [1] * 5], jnp.int32)  # two packed documents: rows 0..4 | 5..9
+  got = np.asarray(window_idx(jnp.array([[4, 6, 9]], jnp.int32), 4, segments))
+  np.testing.assert_array_equal(got[0], [[1, 2, 3, 4], [-1, -1, 5, 6], [6, 7, 8, 9]])
 
 
 def test_shape_errors_name_the_argument():

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from pallas_kernels import index_rules as rules
 from pallas_kernels import verify
-from pallas_kernels.verify import indexer, mhc, sparse_attention
+from pallas_kernels.intmath import land, mod, select
+from pallas_kernels.verify import index_rules, indexer, mhc, sparse_attention
 
 
 def test_every_property_is_proved(capsys):
   assert verify.main() == 0
   out = capsys.readouterr().out
   assert "FAILED" not in out
-  for prop in ("window: valid slot rows satisfy", "mask: entry i visible iff", "no query sees a future token",
+  for prop in ("window: visible ⇒ s ≥ 0, t−W < s ≤ t", "window: segment isolation", "ring: slot holds a position",
+               "entries: entry i visible at t iff", "layout: compressed rows never overlap window rows",
                "slot mask: valid iff idx != -1", "every block produced", "written back at one sequential step"):
     assert prop in out
 
@@ -22,11 +25,30 @@ def failures(results):
 
 
 MUTATIONS = [
-    # off-by-one window: slots cover t−W .. t−1 instead of t−W+1 .. t
-    (sparse_attention, dict(window_row=lambda t, w, window: t - window + w), "window: every s with t−W < s ≤ t"),
+    # off-by-one window: row t−W is visible too
+    (index_rules, dict(window_visible=lambda t, s, window, seg_t, seg_s: land(s >= 0, s > t - window - 1, s <= t,
+                                                                              seg_s == seg_t)),
+     "window: visible ⇒ s ≥ 0, t−W < s ≤ t"),
+    # off-by-one window slots: t−W .. t−1 instead of t−W+1 .. t
+    (index_rules, dict(window_row=lambda t, w, window: t - window + w), "window: slot w reads row t−W+1+w"),
+    (index_rules, dict(window_row=lambda t, w, window: t - window + w), "window: every s with max(0, t−W+1) ≤ s ≤ t is the row"),
+    # the window ignores document boundaries
+    (index_rules, dict(window_visible=lambda t, s, window, seg_t, seg_s: land(s >= 0, s > t - window, s <= t)),
+     "window: segment isolation"),
     # `<=` for `<` in the compressed visibility rule
-    (indexer, dict(entry_visible=lambda t, i, r: i <= (t + 1) / r), "mask: entry i visible iff"),
-    (indexer, dict(entry_visible=lambda t, i, r: i <= (t + 1) / r), "mask: no query sees a future token"),
+    (index_rules, dict(entry_visible=lambda t, i, r: i <= (t + 1) / r), "entries: entry i visible at t iff"),
+    (index_rules, dict(entry_visible=lambda t, i, r: i <= (t + 1) / r), "entries: visible ⇒ no future token"),
+    # completion one token early
+    (index_rules, dict(entry_completed_by=lambda t, r: mod(t + 2, r) == 0), "entries: an entry is visible at its completing"),
+    # ring buffer off by one: the slot read is one behind the slot written
+    (index_rules, dict(ring_position=lambda t, slot, window: t - mod(t - slot, window) - 1),
+     "ring: slot holds a position of that slot"),
+    (index_rules, dict(ring_slot=lambda p, window: mod(p + 1, window)), "ring: every p with max(0, t−W+1) ≤ p ≤ t"),
+    # compressed rows start one row early, overlapping the last window row
+    (index_rules, dict(compressed_row=lambda e, base: select(e >= 0, base + e - 1, -1)),
+     "layout: compressed rows never overlap window rows"),
+    # invisible top-k picks kept
+    (index_rules, dict(topk_slot=lambda e, visible: e), "layout: every gathered compressed row is an entry visible"),
     # block index maps that overrun the last block
     (sparse_attention, dict(drows_index_map=lambda bi, si, kt, idx: (bi, si, kt + 1, 0)), "drows: blocks in bounds"),
     (indexer, dict(score_index_map=lambda bi, ci, ni: (bi, ci, ni + 1)), "scores: blocks in bounds"),
@@ -51,3 +73,36 @@ def test_mutation_yields_counterexample(module, overrides, prop):
   caught = [name for name in failed if name.startswith(prop)]
   assert caught, f"mutation {sorted(overrides)} was not caught by {prop!r}; failures: {sorted(failed)}"
   assert all(failed[name].startswith("counterexample:") for name in caught)
+
+
+def test_monkeypatched_rule_is_what_is_proved(monkeypatch, capsys):
+  """verify looks rules up on pallas_kernels.index_rules at proof time: a patched rule is the one proved."""
+  off_by_one = lambda t, s, window, seg_t, seg_s: land(s >= 0, s > t - window - 1, s <= t, seg_s == seg_t)
+  monkeypatch.setattr(rules, "window_visible", off_by_one)
+  assert verify.main() == 1
+  failed = [line for line in capsys.readouterr().out.splitlines() if "FAILED  counterexample:" in line]
+  assert any("window: visible ⇒ s ≥ 0, t−W < s ≤ t" in line for line in failed), failed
+  assert all(line.split()[0] == "index_rules" for line in failed), failed
+
+
+@pytest.mark.parametrize("name", index_rules.NAMES)
+def test_rules_agree_on_python_ints_and_jnp_arrays(name):
+  """The proved functions run elementwise on traced int32 arrays exactly as on Python ints (incl. t − 1 = −1)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  grid = np.stack(np.meshgrid(np.arange(-1, 9), np.arange(-1, 9), np.arange(1, 5), indexing="ij"), -1).reshape(-1, 3)
+  args = {  # (python call, array call) on each row (a, b, c) of the grid
+      "window_row": lambda a, b, c: (a, b, c), "window_visible": lambda a, b, c: (a, b, c, a % 2, b % 2),
+      "ring_slot": lambda a, b, c: (a, c), "ring_position": lambda a, b, c: (a, b, c),
+      "entry_visible": lambda a, b, c: (a, b, c), "entry_first_token": lambda a, b, c: (a, c),
+      "entry_completed_by": lambda a, b, c: (a, c), "entry_of_token": lambda a, b, c: (a, c),
+      "block_slot": lambda a, b, c: (a, c), "compressed_row": lambda a, b, c: (a, c),
+      "topk_slot": lambda a, b, c: (a, b > 3),
+  }[name]
+  fn = getattr(rules, name)
+  want = np.array([fn(*args(*map(int, row))) for row in grid]).astype(np.int64)
+  cols = [jnp.asarray(grid[:, k], jnp.int32) for k in range(3)]
+  got = np.asarray(jax.jit(lambda a, b, c: jnp.asarray(fn(*args(a, b, c))).astype(jnp.int32))(*cols))
+  np.testing.assert_array_equal(got, want)

@@ -23,7 +23,8 @@ from safetensors.numpy import save_file
 
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.convert.names import path_to_name, to_released
-from dsv4_jax.convert.quant import FP4_BLOCK, FP8_BLOCK, StoredTensor, fp4_scale_shape, fp8_scale_shape
+from dsv4_jax.convert.quant import (WEIGHT_FP4_BLOCK, WEIGHT_FP8_TILE, StoredTensor, fp4_scale_shape,
+                                    fp8_scale_shape)
 from dsv4_jax.convert.safetensors_reader import SafetensorsFile
 from dsv4_jax.layers.model import Transformer
 from dsv4_jax.parallel.mesh import logical_to_spec
@@ -139,13 +140,13 @@ def _stored_tensor(name: str, shape: tuple[int, ...], target_is_float: bool, fil
   quantised = len(shape) == 2 and target_is_float
   if quantised and kind == "F8_E4M3":
     fmt, stored_expected, scale_expected = "fp8", shape, fp8_scale_shape(shape)
-    what = f"FP8 e4m3 with {FP8_BLOCK}×{FP8_BLOCK} block scales"
+    what = f"FP8 e4m3 with {WEIGHT_FP8_TILE}×{WEIGHT_FP8_TILE} block scales"
   elif quantised and kind in ("I8", "U8", "F4"):
     fmt, scale_expected = "fp4", fp4_scale_shape(shape)
     stored_expected = shape if kind == "F4" else (shape[0], shape[1] // 2)
-    what = f"FP4 e2m1 packed two per byte with 1×{FP4_BLOCK} block scales"
-    if shape[1] % FP4_BLOCK:
-      problems.append(f"{name}: FP4 weights need an input dim divisible by {FP4_BLOCK}, got {shape}")
+    what = f"FP4 e2m1 packed two per byte with 1×{WEIGHT_FP4_BLOCK} block scales"
+    if shape[1] % WEIGHT_FP4_BLOCK:
+      problems.append(f"{name}: FP4 weights need an input dim divisible by {WEIGHT_FP4_BLOCK}, got {shape}")
       return None
   else:
     fmt, stored_expected, scale_expected, what = "plain", shape, None, ""

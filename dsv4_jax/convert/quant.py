@@ -16,8 +16,10 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
-FP8_BLOCK = 128
-FP4_BLOCK = 32
+# The released WEIGHT formats (not the KV cache's activation blocks): an FP8 weight has one scale per
+# 128×128 tile, an FP4 weight one scale per 1×32 block of its input dim.
+WEIGHT_FP8_TILE = 128
+WEIGHT_FP4_BLOCK = 32
 # e2m1 code -> value: bit 3 is the sign, bits 0-2 index the magnitudes (DeepSeek's FP4_TABLE).
 E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                         -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
@@ -41,11 +43,11 @@ def unpack_fp4(packed: np.ndarray) -> np.ndarray:
 
 
 def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
-  return (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+  return (-(-shape[0] // WEIGHT_FP8_TILE), -(-shape[1] // WEIGHT_FP8_TILE))
 
 
 def fp4_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
-  return (shape[0], shape[1] // FP4_BLOCK)
+  return (shape[0], shape[1] // WEIGHT_FP4_BLOCK)
 
 
 def _index_range(index: slice, size: int) -> range:
@@ -80,14 +82,15 @@ class StoredTensor:
     row_ids, col_ids = np.asarray(rows), np.asarray(cols)
     if self.fmt == "fp8":
       values = np.asarray(self.data[index[0], index[1]]).astype(np.float32)
-      block_scale = scale_to_float32(self.scale[row_ids[0] // FP8_BLOCK: row_ids[-1] // FP8_BLOCK + 1])
-      scale = block_scale[np.ix_(row_ids // FP8_BLOCK - row_ids[0] // FP8_BLOCK, col_ids // FP8_BLOCK)]
+      tile = WEIGHT_FP8_TILE
+      block_scale = scale_to_float32(self.scale[row_ids[0] // tile: row_ids[-1] // tile + 1])
+      scale = block_scale[np.ix_(row_ids // tile - row_ids[0] // tile, col_ids // tile)]
       return values * scale
     # fp4: read whole bytes covering the columns, then drop a leading high / trailing low nibble.
     first, last = col_ids[0], col_ids[-1] + 1
     values = unpack_fp4(self.data[index[0], first // 2: (last + 1) // 2])
     values = values[:, first % 2: first % 2 + len(cols)]
-    scale = scale_to_float32(self.scale[index[0]])[:, col_ids // FP4_BLOCK]
+    scale = scale_to_float32(self.scale[index[0]])[:, col_ids // WEIGHT_FP4_BLOCK]
     return values * scale
 
 

@@ -1,6 +1,6 @@
 """Data pipeline on Grain: sources, tokenizers, aligned packing, the checkpointable loader."""
 
-from dsv4_jax.data.config import DataConfig
+from dsv4_jax.config import DataConfig
 from dsv4_jax.data.corpus import (bits_per_byte, corpus_unigram_byte_entropy, split_source,
                                   stdlib_root, unigram_byte_entropy, validation_score)
 from dsv4_jax.data.loader import DataIterator, make_dataset, tokenize_document, validation_sample

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dsv4_jax.data.config import DataConfig
+from dsv4_jax.config import DataConfig
 from dsv4_jax.data.sources import (ArrayRecordSource, JsonlSource, ParquetSource, Subset,
                                    TextFileSource)
 

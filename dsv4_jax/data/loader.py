@@ -31,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from dsv4_jax.data.config import DataConfig
+from dsv4_jax.config import DataConfig
 from dsv4_jax.data.corpus import split_source
 from dsv4_jax.data.packing import ROW_FEATURES, AlignedPackIterDataset, empty_row
 from dsv4_jax.data.row_shuffle import RowShuffleIterDataset, restart_window

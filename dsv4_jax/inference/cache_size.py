@@ -16,7 +16,8 @@ import os
 import jax
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.inference.cache import FP8_BLOCK, cache_bytes, init_cache, resolve_storage
+from dsv4_jax.layers.cache import cache_bytes, init_cache, resolve_storage
+from dsv4_jax.ops.quantization import KV_FP8_BLOCK
 
 V32_LAYERS = 61
 V32_MLA_VALUES = 576  # 512 latent + 64 RoPE dims, BF16
@@ -42,7 +43,7 @@ def _entry_bytes(dim: int, rope_dim: int, storage: str) -> float:
   if storage != "mixed":
     return dim * (2 if storage == "bfloat16" else 4)
   nope = dim - rope_dim
-  blocks = nope // FP8_BLOCK if nope % FP8_BLOCK == 0 else 1
+  blocks = nope // KV_FP8_BLOCK if nope % KV_FP8_BLOCK == 0 else 1
   return nope + blocks + 2 * rope_dim
 
 

@@ -15,6 +15,17 @@ Everything after the projections is computed in query chunks (`attention_chunk_s
 rematerialised in the backward pass: no [S, S] or [S, N] tensor is built.
 For CSA layers the indexer's KL loss toward the main attention's distribution over the compressed
 rows (summed over heads, renormalised; the indexer sees stop-gradient inputs) is returned.
+
+Which rows a query may read is decided by `index_rules` (window_visible, entry_visible, the top-k slot
+layout), applied in ops/visibility.py and ops/hybrid_attention.py; ops/dispatch.py picks the XLA or
+the Pallas evaluation. With a cache (layers/cache.py LayerCache) the same `__call__` serves inference:
+  S > 1 tokens   prefill: the forward above, and the cache filled from each row's real tokens (rows are
+                 right-padded, segment_ids 0 on padding): the ring of the last W key/value rows, the
+                 compressor's and the indexer's entries and partial blocks;
+  S = 1 token    decode at t = positions[:, 0]: the token's key/value row goes to ring slot t mod W, the
+                 compressors add the token (storing an entry when it completes a block), and the query
+                 attends the ring rows in its window ∪ the visible entries (CSA: the indexer's top-k of
+                 them), gathered from the cache.
 """
 
 from __future__ import annotations
@@ -24,35 +35,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.cache import LayerCache
 from dsv4_jax.layers.compressor import Compressor
 from dsv4_jax.layers.indexer import Indexer
 from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.norms import RMSNorm, rms_norm
 from dsv4_jax.layers.rope import apply_rope, layer_frequencies
-from dsv4_jax.ops import dispatch
-from dsv4_jax.ops.banded_attention import banded_attention
-from dsv4_jax.ops.indexer import indexer_scores, select_topk
-from dsv4_jax.ops.quantization import fake_quant_fp8
-from dsv4_jax.ops.sparse_attention import attention_logits, gather_rows, map_query_chunks
+from dsv4_jax.ops import dispatch, index_rules
+from dsv4_jax.ops.indexer import select_topk
+from dsv4_jax.ops.kv_storage import gather_rows, reencode, write_rows
+from dsv4_jax.ops.quantization import check_qat_dims, qat_quantise
+from dsv4_jax.ops.sparse_attention import map_query_chunks
+from dsv4_jax.ops.visibility import compressed_visibility
 
 ATTENTION_MODES = ("sparse", "dense")
-
-
-def window_indices(rows: jax.Array, segment_ids: jax.Array, window: int) -> jax.Array:
-  """rows [B, C] query row indices -> [B, C, W] rows t−W+1..t of the same segment, −1 elsewhere."""
-  j = rows[..., None] - window + 1 + jnp.arange(window)
-  b, c, w = j.shape
-  seg_j = jnp.take_along_axis(segment_ids, jnp.clip(j, 0).reshape(b, c * w), axis=1).reshape(b, c, w)
-  seg_t = jnp.take_along_axis(segment_ids, rows, axis=1)[..., None]
-  return jnp.where((j >= 0) & (seg_j == seg_t), j, -1)
-
-
-def compressed_visibility(rows: jax.Array, segment_ids: jax.Array, ratio: int, n: int) -> jax.Array:
-  """rows [B, C] -> [B, C, N] bool: entry i is complete ((i+1)·r ≤ t+1) and in the query's segment."""
-  seg_t = jnp.take_along_axis(segment_ids, rows, axis=1)[..., None]
-  block_seg = segment_ids[:, :n * ratio:ratio][:, None, :]
-  i = jnp.arange(n)
-  return (i < (rows[..., None] + 1) // ratio) & (block_seg == seg_t)
 
 
 def indexer_kl(comp_logits, lse, valid, index_logits):
@@ -77,6 +73,8 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
     d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    if cfg.qat:
+      check_qat_dims(hd, cfg.qk_rope_head_dim, cfg.index_head_dim)
     self.cfg, self.ratio = cfg, ratio
     self.n_heads, self.head_dim, self.groups = h, hd, cfg.o_groups
     self.wq_a = Linear(d, cfg.q_lora_rank, ("q_lora", "embed"), rngs=rngs, cfg=cfg)
@@ -89,17 +87,10 @@ class Attention(nnx.Module):
     self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, ("embed", "o_lora"), rngs=rngs, cfg=cfg)
     self.attn_sink = param(None, (h,), ("heads",), value=0.0, optimizer=ADAMW)
     if ratio:
-      self.compressor = Compressor(cfg, ratio, hd, rngs=rngs)
+      self.compressor = Compressor(cfg, ratio, hd, qat_format="kv", rngs=rngs)
     if ratio == 4:
       self.indexer = Indexer(cfg, ratio, rngs=rngs)
     self.freqs = tuple(float(f) for f in layer_frequencies(cfg, compressed=ratio > 0))  # static, not state
-
-  def _kv_quantise(self, kv: jax.Array) -> jax.Array:
-    """QAT: FP8-simulate the non-RoPE dims; RoPE dims stay unquantised."""
-    if not self.cfg.qat:
-      return kv
-    rd = self.cfg.qk_rope_head_dim
-    return jnp.concatenate([fake_quant_fp8(kv[..., :-rd]), kv[..., -rd:]], axis=-1)
 
   def queries(self, x: jax.Array, positions: jax.Array):
     """x [B, S, d] -> (qr [B, S, q_lora], q [B, S, H, D]): q_norm(wq_a(x)), then wq_b, per-head RMS, RoPE."""
@@ -110,7 +101,8 @@ class Attention(nnx.Module):
 
   def window_kv(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """x [B, S, d] -> the shared key/value rows [B, S, D]: RoPE(kv_norm(wkv(x))), QAT-quantised."""
-    return self._kv_quantise(apply_rope(self.kv_norm(self.wkv(x)), positions, self.freqs))
+    kv = apply_rope(self.kv_norm(self.wkv(x)), positions, self.freqs)
+    return qat_quantise(kv, "kv", self.cfg.qk_rope_head_dim) if self.cfg.qat else kv
 
   def project_out(self, o: jax.Array, positions: jax.Array) -> jax.Array:
     """Attention output o [B, S, H, D] -> [B, S, d]: inverse RoPE at the query, grouped wo_a, wo_b."""
@@ -122,62 +114,56 @@ class Attention(nnx.Module):
     return self.wo_b(o.reshape(b, s, -1))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               attention_mode: str = "sparse", with_indexer_loss: bool = True):
-    """x [B, S, d], positions / segment_ids [B, S] -> (out [B, S, d], aux dict).
+               cache: LayerCache | None = None, attention_mode: str = "sparse", with_indexer_loss: bool = True):
+    """x [B, S, d], positions / segment_ids [B, S] -> (out [B, S, d], aux dict, cache).
 
-    aux: {"indexer_kl_sum", "indexer_kl_count"} (zeros outside CSA layers or when not requested).
+    aux: {"indexer_kl_sum", "indexer_kl_count"} (zeros outside CSA layers, when not requested, and when
+    decoding). cache: None without one, else the updated LayerCache (see the module docstring).
     """
     if attention_mode not in ATTENTION_MODES:
       raise ValueError(f"attention_mode: expected one of {ATTENTION_MODES}, got {attention_mode!r}")
+    if cache is not None and x.shape[1] == 1:
+      out, cache = self._decode(x, positions, cache)
+      zero = jnp.zeros((), jnp.float32)
+      return out, {"indexer_kl_sum": zero, "indexer_kl_count": zero}, cache
     cfg, r = self.cfg, self.ratio
     b, s, _ = x.shape
-    hd = self.head_dim
+    sparse = attention_mode == "sparse"
 
     qr, q = self.queries(x, positions)
     kv = self.window_kv(x, positions)
-
+    new_cache = None if cache is None else LayerCache(window=self._fill_window(kv, segment_ids, cache))
     n = s // r if r else 0
     kv_all = kv
-    if n:
-      compressed = self._kv_quantise(self.compressor(x, positions, self.freqs, segment_ids))
-      kv_all = jnp.concatenate([kv, compressed.astype(kv.dtype)], axis=1)  # rows S.. are entries 0..N-1
-    use_indexer = r == 4 and n > 0 and (attention_mode == "sparse" or with_indexer_loss)
+    if r:  # compressed entries are rows S.. of kv_all
+      compressed, comp_cache = self.compressor(x, positions, self.freqs, segment_ids,
+                                               cache=None if cache is None else cache.compressor)
+      kv_all = jnp.concatenate([kv, compressed.astype(kv.dtype)], axis=1)
+      if cache is not None:
+        new_cache.compressor = comp_cache
     index_q = index_w = index_k = None
-    if use_indexer:
-      index_q, index_w, index_k = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr),
-                                               positions, self.freqs, segment_ids)
+    if r == 4 and (sparse or with_indexer_loss or cache is not None):
+      index_q, index_w, index_k, index_cache = self.indexer(
+          jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr), positions, self.freqs, segment_ids,
+          cache=None if cache is None else cache.indexer)
+      if cache is not None:
+        new_cache.indexer = index_cache
+    use_indexer = index_k is not None and n > 0 and (sparse or with_indexer_loss)
     want_kl = use_indexer and with_indexer_loss
-    scale, window, sink = hd ** -0.5, cfg.sliding_window, self.attn_sink[...]
-    pallas = dispatch.use_pallas(cfg.kernels)
-    chunk_size = min(cfg.attention_chunk_size, s)
-    if not pallas:  # window keys with W−1 rows in front and a chunk behind, so no slice is clamped
-      kv_padded = jnp.pad(kv, [(0, 0), (window - 1, chunk_size), (0, 0)])
-      seg_padded = jnp.pad(segment_ids, [(0, 0), (window - 1, chunk_size)], constant_values=-1)
+    attend, score_entries = dispatch.hybrid_attention(cfg.kernels), dispatch.indexer_scores(cfg.kernels)
 
     def chunk(rows, q_c, *index_c):
       cidx = valid = index_logits = None
       if n:
         valid = compressed_visibility(rows, segment_ids, r, n)
         if use_indexer:
-          index_logits = indexer_scores(index_c[0], index_c[1], index_k)
-        if r == 4 and attention_mode == "sparse":
+          index_logits = score_entries(*index_c, index_k, ratio=r, rows=rows)
+        if r == 4 and sparse:
           cidx, index_logits = select_topk(index_logits, valid, cfg.index_topk)
           valid = cidx >= 0
-      if pallas:  # one kernel over window ∪ compressed rows gathered by index
-        idx = window_indices(rows, segment_ids, window)
-        if n:  # compressed entries are rows s.. of kv_all
-          entries = jnp.where(valid, jnp.arange(n), -1) if cidx is None else cidx
-          entry_rows = jnp.where(entries >= 0, entries + s, -1)
-          idx = jnp.concatenate([idx, entry_rows], axis=-1)
-        o, lse = dispatch.sparse_attention_fn(cfg.kernels)(q_c, kv_all, sink, idx, scale=scale, chunk_size=None,
-                                                           return_lse=True)
-        comp_logits = None
-        if want_kl:
-          comp_logits = attention_logits(q_c, gather_rows(kv_all, entry_rows), entry_rows, scale)
-      else:
-        o, lse, comp_logits = banded_attention(
-            q_c, rows, kv_padded, seg_padded, window, sink, scale, compressed=kv_all[:, s:] if n else None,
-            compressed_valid=valid, compressed_idx=cidx)
+      o, lse, comp_logits = attend(q_c, rows, kv_all, segment_ids, self.attn_sink[...], window=cfg.sliding_window,
+                                   scale=self.head_dim ** -0.5, compressed_valid=valid, compressed_idx=cidx,
+                                   with_compressed_logits=want_kl)
       kl = has = jnp.zeros(rows.shape, jnp.float32)
       if want_kl:
         kl, has = indexer_kl(comp_logits, lse, valid, index_logits)
@@ -187,8 +173,47 @@ class Attention(nnx.Module):
 
     rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     chunk_inputs = (rows, q) + ((index_q, index_w) if use_indexer else ())
-    o, kl, has = map_query_chunks(chunk, chunk_size, *chunk_inputs)
+    o, kl, has = map_query_chunks(chunk, min(cfg.attention_chunk_size, s), *chunk_inputs)
 
     out = self.project_out(o, positions)
     aux = {"indexer_kl_sum": jnp.sum(kl), "indexer_kl_count": jnp.sum(has)}
-    return out.astype(x.dtype), aux
+    return out.astype(x.dtype), aux, new_cache
+
+  def _fill_window(self, kv: jax.Array, segment_ids: jax.Array, cache: LayerCache):
+    """The window ring after each row's real tokens of kv [B, S, D]: slot j holds ring_position(last, j)."""
+    w, s = self.cfg.sliding_window, kv.shape[1]
+    last = jnp.sum(segment_ids != 0, axis=1)[:, None] - 1
+    held = index_rules.ring_position(last, jnp.arange(w), w)  # [B, W]; negative: never written
+    rows = jnp.take_along_axis(kv, jnp.clip(held, 0, s - 1)[..., None], axis=1)
+    return reencode(cache.window, jnp.where((held >= 0)[..., None], rows, 0.0))
+
+  def _decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache):
+    """One token per row, x [B, 1, d] at t = positions[:, 0] -> (out [B, 1, d], updated LayerCache)."""
+    cfg, r, w = self.cfg, self.ratio, self.cfg.sliding_window
+    t = positions[:, 0]
+    qr, q = self.queries(x, positions)
+    kv = self.window_kv(x, positions)
+    window = write_rows(cache.window, index_rules.ring_slot(t, w), kv[:, 0])
+    held = index_rules.ring_position(t[:, None], jnp.arange(w), w)  # [B, W]
+    in_window = index_rules.window_visible(t[:, None], held, w, 0, 0)  # a decoded row is one document
+    window_slots = index_rules.topk_slot(jnp.arange(w), in_window)
+    rows, slots = [gather_rows(window, window_slots, kv.dtype)], [window_slots]
+    new = LayerCache(window=window)
+    if r:
+      _, new.compressor = self.compressor(x, positions, self.freqs, cache=cache.compressor)
+      m = jax.tree.leaves(new.compressor.entries)[0].shape[1]
+      visible = index_rules.entry_visible(t[:, None], jnp.arange(m), r)  # [B, M]
+      if r == 4:
+        index_q, index_w, index_k, new.indexer = self.indexer(x, qr, positions, self.freqs, cache=cache.indexer)
+        scores = dispatch.indexer_scores(cfg.kernels)(index_q, index_w, index_k, ratio=r, rows=t[:, None])
+        entries = select_topk(scores, visible[:, None], cfg.index_topk)[0][:, 0]
+      else:
+        entries = index_rules.topk_slot(jnp.arange(m), visible)
+      rows.append(gather_rows(new.compressor.entries, entries, kv.dtype))
+      slots.append(entries)
+    rows = jnp.concatenate(rows, axis=1)  # [B, K, D]: the only rows this token attends
+    slots = jnp.concatenate(slots, axis=1)
+    idx = index_rules.topk_slot(jnp.arange(rows.shape[1]), slots >= 0)[:, None]  # [B, 1, K]
+    o = dispatch.sparse_attention(cfg.kernels)(q, rows, self.attn_sink[...], idx, scale=self.head_dim ** -0.5,
+                                               chunk_size=None)
+    return self.project_out(o, positions).astype(x.dtype), new

@@ -1,7 +1,7 @@
 """One DeepSeek-V4 block: attention and MoE, each wrapped in manifold-constrained hyper-connections.
 
-  X [B, S, N, d]:  y, post, comb = mhc_pre(X);  X = mhc_post(attn(attn_norm(y)), X, post, comb)
-                   y, post, comb = mhc_pre(X);  X = mhc_post(moe(ffn_norm(y)),  X, post, comb)
+  X [B, S, N, d]:  y, post, comb = hc_attn.pre(X);  X = hc_attn.post(attn(attn_norm(y)), X, post, comb)
+                   y, post, comb = hc_ffn.pre(X);   X = hc_ffn.post(moe(ffn_norm(y)),  X, post, comb)
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from flax import nnx
 
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.layers.attention import Attention
-from dsv4_jax.layers.mhc import HyperConnection, mhc_post
+from dsv4_jax.layers.cache import LayerCache
+from dsv4_jax.layers.mhc import HyperConnection
 from dsv4_jax.layers.moe import MoE
 from dsv4_jax.layers.norms import RMSNorm
 
@@ -30,13 +31,13 @@ class Block(nnx.Module):
     self.hc_ffn = HyperConnection(d, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, token_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               attention_mode: str = "sparse", with_indexer_loss: bool = True):
-    """x [B, S, N, d] -> (x [B, S, N, d], aux dict of the attention and MoE)."""
+               cache: LayerCache | None = None, attention_mode: str = "sparse", with_indexer_loss: bool = True):
+    """x [B, S, N, d] -> (x [B, S, N, d], aux dict of the attention and MoE, the attention's cache)."""
     y, post, comb = self.hc_attn.pre(x)
-    y, attn_aux = self.attn(self.attn_norm(y), positions, segment_ids, attention_mode=attention_mode,
-                            with_indexer_loss=with_indexer_loss)
-    x = mhc_post(y, x, post, comb)
+    y, attn_aux, cache = self.attn(self.attn_norm(y), positions, segment_ids, cache=cache,
+                                   attention_mode=attention_mode, with_indexer_loss=with_indexer_loss)
+    x = self.hc_attn.post(y, x, post, comb)
     y, post, comb = self.hc_ffn.pre(x)
     y, moe_aux = self.ffn(self.ffn_norm(y), token_ids, segment_ids != 0)
-    x = mhc_post(y, x, post, comb)
-    return x, {**attn_aux, **moe_aux}
+    x = self.hc_ffn.post(y, x, post, comb)
+    return x, {**attn_aux, **moe_aux}, cache

@@ -7,8 +7,14 @@ Shapes: x [B, S, d] -> entries [B, S // ratio, c]. With coff = 2 when ratio = 4 
            current block's through the LAST c channels, one softmax per channel over all 2r slots.
            Where there is no previous block in the same document (sequence start, or a document's
            first block in a packed row), those slots are padding (kv 0, score −inf).
-Then RMSNorm(c) with weight and RoPE on the last rope dims at the position of the block's first token.
-Entry i exists once tokens i·r .. i·r+r−1 are all seen (a trailing partial block is not an entry).
+Then RMSNorm(c) with weight, RoPE on the last rope dims at the position of the block's first token, and
+(with `qat`) the released model's quantisation of the entries (`qat_format`: "kv" for attention
+entries, "index" for the lightning indexer's keys). Entry i exists once tokens i·r .. i·r + r − 1 are
+all seen (a trailing partial block is not an entry).
+
+With a cache (layers/cache.py CompressorCache), the same module fills it from a prompt or adds one
+decoded token to it: the token's projections go to slot t mod r of the partial block, and when the
+token completes a block (`entry_completed_by`) its entry is pooled exactly as above and stored.
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.cache import CompressorCache
 from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.norms import RMSNorm
 from dsv4_jax.layers.rope import apply_rope
+from dsv4_jax.ops import index_rules
+from dsv4_jax.ops.kv_storage import reencode, write_rows
+from dsv4_jax.ops.quantization import qat_quantise
 
 
 def pool_blocks(kv: jax.Array, score: jax.Array, ratio: int, overlap: bool,
@@ -34,6 +44,8 @@ def pool_blocks(kv: jax.Array, score: jax.Array, ratio: int, overlap: bool,
   """
   b, s, width = kv.shape
   n = s // ratio
+  if overlap and n == 0:
+    return jnp.zeros((b, 0, width // 2), kv.dtype)
   kv = kv[:, :n * ratio].reshape(b, n, ratio, width)
   score = score[:, :n * ratio].reshape(b, n, ratio, width)
   if overlap:
@@ -52,7 +64,7 @@ def pool_blocks(kv: jax.Array, score: jax.Array, ratio: int, overlap: bool,
 class Compressor(nnx.Module):
   """Compresses [B, S, d] hidden states into [B, S // ratio, c] entries (see module docstring)."""
 
-  def __init__(self, cfg: ModelConfig, ratio: int, out_dim: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, ratio: int, out_dim: int, *, qat_format: str = "kv", rngs: nnx.Rngs):
     self.ratio, self.out_dim, self.overlap = ratio, out_dim, ratio == 4
     coff = 2 if self.overlap else 1
     d = cfg.hidden_size
@@ -61,26 +73,91 @@ class Compressor(nnx.Module):
     self.ape = param(None, (ratio, coff * out_dim), (None, "kv_pool"), value=0.0, optimizer=ADAMW)
     self.norm = RMSNorm(out_dim, cfg.rms_norm_eps, axis="kv")
     self.rope_dim = cfg.qk_rope_head_dim
+    self.qat_format = qat_format if cfg.qat else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, freqs: np.ndarray,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [B, S, d], positions [B, S], segment_ids [B, S] (optional) -> entries [B, S // ratio, c] fp32."""
+  def __call__(self, x: jax.Array, positions: jax.Array, freqs: np.ndarray, segment_ids: jax.Array | None = None,
+               *, cache: CompressorCache | None = None):
+    """x [B, S, d], positions / segment_ids [B, S] -> (entries, cache).
+
+    Without a cache: (entries [B, S // r, c] fp32, None).
+    With a cache and S > 1 (prefill of an empty cache; rows right-padded, segment_ids 0 on padding):
+      (entries as above, the cache after each row's real tokens).
+    With a cache and S = 1 (one decoded token per row at positions[:, 0]): (None, the cache with the token
+      added and, where it completes a block, that block's entry stored; read entries from the cache).
+    """
+    if cache is not None and x.shape[1] == 1:
+      return None, self._add_token(x, positions[:, 0], freqs, cache)
     b, s, _ = x.shape
     r = self.ratio
     n = s // r
-    kv, score = self.project(x, jnp.arange(s) % r)
+    kv, score = self.project(x, index_rules.block_slot(jnp.arange(s), r))
     prev_valid = None
     if self.overlap and segment_ids is not None:
       block_seg = segment_ids[:, :n * r:r]
       prev_valid = jnp.pad(block_seg[:, 1:] == block_seg[:, :-1], [(0, 0), (1, 0)])
-    entries = pool_blocks(kv, score, r, self.overlap, prev_valid)
-    return self.finish(entries, positions[:, :n * r:r], freqs)
+    entries = self.finish(pool_blocks(kv, score, r, self.overlap, prev_valid), positions[:, :n * r:r], freqs)
+    if cache is None:
+      return entries, None
+    lengths = jnp.full((b,), s) if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)
+    return entries, self._fill(kv, score, entries, lengths, cache)
 
-  def project(self, x: jax.Array, phase: jax.Array):
-    """x [B, S, d], phase (t mod ratio) [S] or [B, S] -> (kv, score) [B, S, coff·c] fp32, score + ape[phase]."""
+  def project(self, x: jax.Array, slot: jax.Array):
+    """x [B, S, d], block slot (t mod ratio) [S] or [B, S] -> (kv, score) [B, S, coff·c] fp32, score + ape[slot]."""
     x = x.astype(jnp.float32)
-    return self.wkv(x), self.wgate(x) + self.ape[...][phase]
+    return self.wkv(x), self.wgate(x) + self.ape[...][slot]
 
   def finish(self, pooled: jax.Array, block_positions: jax.Array, freqs: np.ndarray) -> jax.Array:
-    """Pooled blocks [B, N, c], their first tokens' positions [B, N] -> entries: RMSNorm, then RoPE."""
-    return apply_rope(self.norm(pooled), block_positions, freqs)
+    """Pooled blocks [B, N, c], their first tokens' positions [B, N] -> entries: RMSNorm, RoPE, QAT."""
+    entries = apply_rope(self.norm(pooled), block_positions, freqs)
+    return entries if self.qat_format is None else qat_quantise(entries, self.qat_format, self.rope_dim)
+
+  def _fill(self, kv, score, entries, lengths, cache: CompressorCache) -> CompressorCache:
+    """The cache after the first lengths[b] tokens of each row (kv, score [B, S, coff·c]; entries [B, N, c])."""
+    r, s = self.ratio, kv.shape[1]
+    b, n, _ = entries.shape
+    m = jax.tree.leaves(cache.entries)[0].shape[1]
+    if n > m:
+      raise ValueError(f"compressor cache: the prompt has {n} entries but the cache holds {m} (max_len too small)")
+    complete = index_rules.entry_visible(lengths[:, None] - 1, jnp.arange(n), r)  # complete at the last token
+    entries = jnp.pad(jnp.where(complete[..., None], entries, 0.0), [(0, 0), (0, m - n), (0, 0)])
+    block_start = index_rules.entry_first_token(index_rules.entry_of_token(lengths, r), r)
+
+    def block_from(start):  # [B] first token of a block -> its r tokens' kv, score [B, r, coff·c]
+      idx = jnp.clip(start[:, None] + jnp.arange(r), 0, s - 1)[..., None]
+      return jnp.take_along_axis(kv, idx, axis=1), jnp.take_along_axis(score, idx, axis=1)
+
+    block_kv, block_score = block_from(block_start)  # slots past a row's last token are overwritten later
+    new = CompressorCache(entries=reencode(cache.entries, entries), block_kv=block_kv, block_score=block_score)
+    if self.overlap:
+      c = self.out_dim
+      prev_kv, prev_score = block_from(block_start - r)
+      has_prev = (block_start > 0)[:, None, None]
+      new.prev_kv = jnp.where(has_prev, prev_kv[..., :c], 0.0)
+      new.prev_score = jnp.where(has_prev, prev_score[..., :c], -jnp.inf)
+    return new
+
+  def _add_token(self, x, t, freqs, cache: CompressorCache) -> CompressorCache:
+    """Token t (x [B, 1, d]) into slot t mod r; pools and stores entry t // r where t completes it."""
+    r, b = self.ratio, x.shape[0]
+    batch = jnp.arange(b)
+    slot = index_rules.block_slot(t, r)
+    kv, score = self.project(x, slot[:, None])
+    block_kv = cache.block_kv.at[batch, slot].set(kv[:, 0])
+    block_score = cache.block_score.at[batch, slot].set(score[:, 0])
+    complete = index_rules.entry_completed_by(t, r)
+    if self.overlap:  # [previous block's first c channels | this block's last c], as pool_blocks' block 1
+      pad = jnp.zeros_like(cache.prev_kv)
+      seq_kv = jnp.concatenate([jnp.concatenate([cache.prev_kv, pad], -1), block_kv], axis=1)
+      seq_score = jnp.concatenate([jnp.concatenate([cache.prev_score, pad], -1), block_score], axis=1)
+      pooled = pool_blocks(seq_kv, seq_score, r, True, prev_valid=jnp.ones((b, 2), bool))[:, 1:]
+    else:
+      pooled = pool_blocks(block_kv, block_score, r, False)
+    entry = index_rules.entry_of_token(t, r)
+    pooled = self.finish(pooled, index_rules.entry_first_token(entry, r)[:, None], freqs)[:, 0]
+    new = CompressorCache(entries=write_rows(cache.entries, entry, pooled, when=complete),
+                          block_kv=block_kv, block_score=block_score)
+    if self.overlap:
+      c = self.out_dim
+      new.prev_kv = jnp.where(complete[:, None, None], block_kv[..., :c], cache.prev_kv)
+      new.prev_score = jnp.where(complete[:, None, None], block_score[..., :c], cache.prev_score)
+    return new

@@ -17,10 +17,12 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.layers.cache import CompressorCache
 from dsv4_jax.layers.compressor import Compressor
 from dsv4_jax.layers.linear import Linear
 from dsv4_jax.layers.rope import apply_rope
-from dsv4_jax.ops.quantization import fake_quant_fp4, hadamard_rotate
+from dsv4_jax.ops.kv_storage import decode_rows
+from dsv4_jax.ops.quantization import qat_quantise
 
 
 class Indexer(nnx.Module):
@@ -30,26 +32,30 @@ class Indexer(nnx.Module):
     self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, ("index_heads", "q_lora"),
                        rngs=rngs, cfg=cfg)
     self.weights_proj = Linear(cfg.hidden_size, self.n_heads, ("index_heads", "embed"), rngs=rngs, cfg=cfg)
-    self.compressor = Compressor(cfg, ratio, self.head_dim, rngs=rngs)
+    self.compressor = Compressor(cfg, ratio, self.head_dim, qat_format="index", rngs=rngs)
     self.qat = cfg.qat
     for _, var in nnx.iter_graph(self):
       if isinstance(var, nnx.Param):
         var.set_metadata(indexer=True)
 
-  def _quantise(self, x: jax.Array) -> jax.Array:
-    return fake_quant_fp4(hadamard_rotate(x)) if self.qat else x
-
   def __call__(self, x: jax.Array, qr: jax.Array, positions: jax.Array, freqs: np.ndarray,
-               segment_ids: jax.Array | None = None):
-    """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], w [B, S, Hi], K_I [B, S/r, Di])."""
+               segment_ids: jax.Array | None = None, *, cache: CompressorCache | None = None):
+    """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], w [B, S, Hi], K_I, cache).
+
+    K_I: the keys of this sequence's entries [B, S // r, Di]; in a decode step (S = 1 with a cache) every
+    stored key [B, M // r, Di], the new one included. `cache` is the indexer's compressor cache.
+    """
     q, w = self.queries(x, qr, positions, freqs)
-    k = self._quantise(self.compressor(x, positions, freqs, segment_ids))
-    return q, w, k
+    k, cache = self.compressor(x, positions, freqs, segment_ids, cache=cache)
+    if k is None:
+      k = decode_rows(cache.entries, jnp.float32)
+    return q, w, k, cache
 
   def queries(self, x: jax.Array, qr: jax.Array, positions: jax.Array, freqs: np.ndarray):
     """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], head weights w [B, S, Hi] fp32)."""
     b, s, _ = x.shape
-    q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-    q = self._quantise(apply_rope(q, positions, freqs))
+    q = apply_rope(self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim), positions, freqs)
+    if self.qat:
+      q = qat_quantise(q, "index")
     w = self.weights_proj(x).astype(jnp.float32) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
     return q, w

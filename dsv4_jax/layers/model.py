@@ -7,6 +7,10 @@
 Packed sequences: `segment_ids` [B, S] (0 = padding) and per-document `positions` [B, S]. Documents
 must start at row offsets that are multiples of the largest compression ratio, so every compression
 block belongs to one document; tokens attend only within their own segment.
+
+Inference is the same call with a `cache` (layers/cache.py, `init_cache`): S > 1 tokens fill an empty
+cache (prefill; right-padded rows, segment_ids 0 on padding), S = 1 token per row decodes at position
+cache.lengths; `ModelOutput.cache` is the updated cache. The MTP block is not run with a cache.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.layers.block import Block
+from dsv4_jax.layers.cache import Cache
 from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.mhc import HyperConnectionHead
 from dsv4_jax.layers.norms import RMSNorm
@@ -31,7 +36,8 @@ STREAMS_AXES = ("batch", "seq", "streams", "act_embed")  # X [B, S, N, d]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
-  """logits [B, S, V] (fp32); mtp_logits [B, S−1, V] or None; aux: dict of per-layer statistics.
+  """logits [B, S, V] (fp32); mtp_logits [B, S−1, V] or None; aux: dict of per-layer statistics;
+  cache: the updated decoding cache, or None when called without one.
 
   aux["expert_load"] [L, E] routed-token counts (main layers), aux["balance_loss"] (mean over
   score-routed layers), aux["indexer_loss"] (mean KL over CSA layers' queries), plus the MTP
@@ -40,6 +46,7 @@ class ModelOutput:
   logits: jax.Array
   mtp_logits: jax.Array | None
   aux: dict[str, Any]
+  cache: Cache | None = None
 
 
 class MTPBlock(Block):
@@ -58,12 +65,12 @@ class MTPBlock(Block):
   def predict(self, streams, next_embed, next_ids, positions, segment_ids, **kwargs):
     """streams [B, T, N, d], next_embed [B, T, d] -> (head input [B, T, d], aux)."""
     x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
-    x, aux = self(x, next_ids, positions, segment_ids, **kwargs)
+    x, aux, _ = self(x, next_ids, positions, segment_ids, **kwargs)
     return self.norm(self.hc_head(x)), aux
 
 
 class Transformer(nnx.Module):
-  """DeepSeek-V4. `model(input_ids, segment_ids=None, positions=None)` -> ModelOutput."""
+  """DeepSeek-V4. `model(input_ids, segment_ids=None, positions=None, cache=None)` -> ModelOutput."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
@@ -78,44 +85,56 @@ class Transformer(nnx.Module):
                          for i in range(cfg.num_nextn_predict_layers)])
 
   def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, attention_mode: str = "sparse",
-               with_indexer_loss: bool = True, with_mtp: bool = True) -> ModelOutput:
-    """input_ids [B, S] int; segment_ids [B, S] (0 = padding; default all 1); positions [B, S]
-    (default 0..S−1). attention_mode "sparse" (top-k) or "dense" (CSA attends every visible entry)."""
+               positions: jax.Array | None = None, cache: Cache | None = None, attention_mode: str = "sparse",
+               with_indexer_loss: bool = True, with_mtp: bool = True,
+               logits_at: jax.Array | None = None) -> ModelOutput:
+    """input_ids [B, S] int; segment_ids [B, S] (0 = padding; default all 1); positions [B, S] (default
+    0..S−1, or cache.lengths + 0..S−1 with a cache). attention_mode "sparse" (top-k) or "dense" (CSA
+    attends every visible entry). cache: see the module docstring. logits_at [B, K]: compute the
+    logits only at these sequence indices (logits [B, K, V]; e.g. each prompt's last token)."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids: expected [batch, seq] integers, got shape {input_ids.shape}")
     b, s = input_ids.shape
+    cfg = self.cfg
+    if cache is not None and (len(cache.layers) != cfg.num_hidden_layers or cache.lengths.shape != (b,)):
+      raise ValueError(f"cache: expected {cfg.num_hidden_layers} layers and lengths of shape ({b},), got "
+                       f"{len(cache.layers)} layers and lengths of shape {cache.lengths.shape}")
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      start = 0 if cache is None else cache.lengths[:, None]
+      positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
     for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
       if jnp.shape(arr) != (b, s):
         raise ValueError(f"{name}: expected shape {(b, s)} like input_ids, got {jnp.shape(arr)}")
     kwargs = dict(attention_mode=attention_mode, with_indexer_loss=with_indexer_loss)
-    cfg = self.cfg
 
     h = self.embed(input_ids)
     x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
-    layer_aux = []
-    for block in self.layers:
+    layer_aux, layer_caches = [], []
+    for i, block in enumerate(self.layers):
       x = constrain(x, STREAMS_AXES)
-      x, aux = block(x, input_ids, positions, segment_ids, **kwargs)
+      x, aux, layer_cache = block(x, input_ids, positions, segment_ids,
+                                  cache=None if cache is None else cache.layers[i], **kwargs)
       layer_aux.append(aux)
+      layer_caches.append(layer_cache)
     x = constrain(x, STREAMS_AXES)
-    logits = self.head(self.norm(self.hc_head(x)))
+    head_in = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, :, None, None], axis=1)
+    logits = self.head(self.norm(self.hc_head(head_in)))
 
     out_aux = _summarise(layer_aux, cfg)
     out_aux["hidden"] = x
-    mtp_logits = None
-    if with_mtp and len(self.mtp) and s > 1:
+    mtp_logits = new_cache = None
+    if cache is not None:
+      new_cache = Cache(layers=tuple(layer_caches),
+                        lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
+    elif with_mtp and len(self.mtp) and s > 1:
       mtp_in, mtp_aux = self.mtp[0].predict(x[:, :-1], self.embed(input_ids[:, 1:]), input_ids[:, 1:],
                                             positions[:, :-1], segment_ids[:, :-1], **kwargs)
       mtp_logits = self.head(mtp_in)
       out_aux.update({f"mtp_{k}": v for k, v in _summarise([mtp_aux], cfg, mtp=True).items()})
-    return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux)
-
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux, cache=new_cache)
 
   def balance_router_bias(self, aux: dict[str, Any], speed: float) -> None:
     """Aux-loss-free balancing, after an optimizer step: every score-routed gate moves its bias by

@@ -118,6 +118,17 @@ class Gate(nnx.Module):
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return ids, weights * self.scale, scores
 
+  def update_bias(self, load: jax.Array, speed: float) -> None:
+    """Aux-loss-free balancing step from this layer's expert loads `load` [E]:
+
+      bias_e ← bias_e + speed · sign(mean_e'(load_e') − load_e)
+
+    (under-loaded experts are raised, over-loaded ones lowered). No-op for hash-routed gates (no bias).
+    """
+    if self.hash_routed:
+      return
+    self.bias.value = self.bias[...] + speed * jnp.sign(jnp.mean(load) - load)
+
 
 class MoE(nnx.Module):
   """Routed experts + one shared expert. Returns (y, aux) with expert loads and the balance loss."""

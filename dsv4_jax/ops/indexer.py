@@ -9,11 +9,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax.ops import index_rules
+
 
 def indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array) -> jax.Array:
   """q [B, C, Hi, Di], w [B, C, Hi], k [B, N, Di] -> scores [B, C, N] (fp32)."""
   dots = jnp.einsum("bchd,bnd->bchn", q, k, preferred_element_type=jnp.float32)
   return jnp.einsum("bchn,bch->bcn", jax.nn.relu(dots), w.astype(jnp.float32))
+
+
+def causal_indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array, *, ratio: int, rows: jax.Array) -> jax.Array:
+  """indexer_scores with −inf where entry i is not complete at query row rows[b, c] (`entry_visible`).
+
+  Same function as the Pallas kernel `pallas_kernels.indexer.indexer_scores(..., ratio=, rows=)`.
+  """
+  visible = index_rules.entry_visible(rows[..., None], jnp.arange(k.shape[1]), ratio)
+  return jnp.where(visible, indexer_scores(q, w, k), -jnp.inf)
 
 
 def select_topk(scores: jax.Array, visible: jax.Array, topk: int):
@@ -24,5 +35,4 @@ def select_topk(scores: jax.Array, visible: jax.Array, topk: int):
   k = min(topk, scores.shape[-1])
   masked = jnp.where(visible, scores, -jnp.inf)
   values, idx = jax.lax.top_k(masked, k)
-  chosen = jnp.take_along_axis(visible, idx, axis=-1)
-  return jnp.where(chosen, idx, -1), values
+  return index_rules.topk_slot(idx, jnp.take_along_axis(visible, idx, axis=-1)), values

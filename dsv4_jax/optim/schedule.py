@@ -15,7 +15,7 @@ import math
 import jax.numpy as jnp
 import optax
 
-from dsv4_jax.optim.config import OptimizerConfig
+from dsv4_jax.config import OptimizerConfig
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:

@@ -96,9 +96,6 @@ class TrainCheckpointer:
       raise CheckpointRestoreError(f"checkpoint {path} does not match the current model/optimizer:\n  "
                                    + "\n  ".join(problems[:20]))
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -1,9 +1,11 @@
 """The train state and the jitted train / eval steps.
 
 State: params (nnx.Param), extra (router bias, hash tables: no gradients), opt_state, step.
-After each optimizer step every score-routed MoE layer's router bias moves by
+After each optimizer step the model balances its routers (`Transformer.balance_router_bias`):
+every score-routed MoE layer's bias moves by
   bias_e ← bias_e + speed · sign(mean_e(load) − load_e)            (aux-loss-free balancing)
-using the expert loads of that step's batch.
+using the expert loads of that step's batch (the forward's aux).
+Indexer warm-up steps update only the parameters tagged `indexer=True` (the lightning indexers).
 """
 
 from __future__ import annotations
@@ -36,34 +38,20 @@ def split_model(model: nnx.Module):
   return graphdef, params, extra
 
 
-def balance_router_bias(extra, loads: jax.Array, speed: float, layer_names: list[tuple]):
-  """Returns `extra` with each listed layer's gate bias moved toward balance. loads: [L, E]."""
-  flat = dict(nnx.to_flat_state(extra))
-  for (path, load) in zip(layer_names, loads):
-    if path in flat:
-      var = flat[path]
-      flat[path] = var.replace(var[...] + speed * jnp.sign(jnp.mean(load) - load))
-  return nnx.from_flat_state(list(flat.items()))
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
-def router_bias_paths(cfg) -> tuple[list[tuple], list[tuple]]:
-  """Paths of the gate biases of the main layers and of the MTP layers (hash layers have none)."""
-  main = [("layers", i, "ffn", "gate", "bias") for i in range(cfg.num_hidden_layers)]
-  mtp = [("mtp", i, "ffn", "gate", "bias") for i in range(cfg.num_nextn_predict_layers)]
-  return main, mtp
+def _indexer_only(tree):
+  """Zeros every parameter of `tree` (params, grads or updates) not tagged `indexer=True`."""
+  def keep(var):
+    return var if var.get_metadata("indexer", False) else var.replace(jnp.zeros_like(var.get_value()))
 
-
-def _only_indexer(tree):
-  """Zeros every leaf of `tree` outside the lightning indexers."""
-  def keep(key_path, x):
-    return x if "'indexer'" in jax.tree_util.keystr(key_path) else jnp.zeros_like(x)
-
-  return jax.tree_util.tree_map_with_path(keep, tree)
+  return jax.tree.map(keep, tree, is_leaf=_is_variable)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, decay_start: int):
   """A jitted `step(state, batch, kind) -> (state, metrics)`; `kind` (a StepKind) is static."""
-  main_bias, mtp_bias = router_bias_paths(cfg.model)
 
   def loss_fn(params, extra, batch, kind: StepKind, step):
     model = nnx.merge(graphdef, params, extra)
@@ -73,24 +61,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
     mtp_weight = jnp.where(step >= decay_start, cfg.mtp_loss_weight_after_decay, cfg.mtp_loss_weight)
     losses = training_losses(out, batch, mtp_weight=mtp_weight, balance_weight=cfg.balance_loss_weight,
                              indexer_weight=cfg.indexer_loss_weight, indexer_only=kind.indexer_only)
-    loads = (out.aux["expert_load"], out.aux.get("mtp_expert_load"))
-    return losses["total"], (losses, loads)
+    return losses["total"], (losses, out.aux)
 
   @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
   def step(state: TrainState, batch: dict, kind: StepKind):
-    grads, (losses, (loads, mtp_loads)) = jax.grad(loss_fn, has_aux=True)(
+    grads, (losses, aux) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.extra, batch, kind, state.step)
     if kind.indexer_only:  # indexer warm-up: everything else stays frozen (weight decay included)
-      grads = _only_indexer(grads)
+      grads = _indexer_only(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if kind.indexer_only:
-      updates = _only_indexer(updates)
+      updates = _indexer_only(updates)
     params = optax.apply_updates(state.params, updates)
     extra = state.extra
-    if not kind.indexer_only:
-      extra = balance_router_bias(extra, loads, cfg.router_bias_speed, main_bias)
-      if mtp_loads is not None:
-        extra = balance_router_bias(extra, mtp_loads, cfg.router_bias_speed, mtp_bias)
+    if not kind.indexer_only:  # after the parameter update, from this batch's expert loads
+      model = nnx.merge(graphdef, params, extra)
+      model.balance_router_bias(aux, cfg.router_bias_speed)
+      _, _, extra = split_model(model)
     metrics = dict(losses, grad_norm=optax.global_norm(grads))
     return TrainState(state.step + 1, params, extra, opt_state), metrics
 

@@ -1,9 +1,9 @@
-"""Z3 contracts of the indexer-score kernels (scores, dq/dw, dk) and of the causal entry mask.
+"""Z3 contracts of the indexer-score kernels (scores, dq/dw, dk) and of their entry-tile layout.
 
 Symbolic sizes: B batch, Hi heads, Di head dim, bc query tile, bn entry tile, CT / NT tiles; the
 padded arrays have Cp = CT·bc query rows and Np = NT·bn entries (the wrapper's `padded`, proved below).
-The mask spec is stated independently of the kernel's formula: entry i (tokens i·r .. i·r + r − 1) may be
-seen by query t iff all of its tokens are ≤ t.
+The in-kernel causal mask tests `index_rules.entry_visible(t, entry(ni, lane, bn), r)`: the (tile, lane)
+-> entry bijection is proved here, the rule itself in `verify/index_rules.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ KERNEL = "indexer"
 
 
 def _fns(overrides):
-  names = ("grid", "grid_dk", "padded", "entry", "entry_visible", "q_index_map", "rows_index_map",
+  names = ("grid", "grid_dk", "padded", "entry", "q_index_map", "rows_index_map",
            "k_index_map", "score_index_map", "dk_q_index_map", "dk_rows_index_map", "dk_k_index_map",
            "dk_score_index_map", "is_first_tile", "is_last_tile")
   fns = {n: getattr(ix, n) for n in names}
@@ -83,14 +83,6 @@ def mask_properties(fns) -> list[Result]:
   out.append(prove(KERNEL, "every entry in [0, Np) has a (tile, lane)",
                    z3.And(in_tile(e / bn, e % bn), fns["entry"](e / bn, e % bn, bn) == e),
                    assumptions + [0 <= e, e < np_], [bn, e]))
-  t, i, r = z3.Ints("t i r")
-  hyp = [t >= 0, i >= 0, r >= 1]
-  complete = (i + 1) * r <= t + 1  # tokens i·r .. i·r + r − 1 all ≤ t
-  out.append(prove(KERNEL, "mask: entry i visible iff i < (t+1)//r (all its tokens ≤ t)",
-                   fns["entry_visible"](t, i, r) == complete, hyp, [t, i, r]))
-  out.append(prove(KERNEL, "mask: no query sees a future token",
-                   z3.Implies(fns["entry_visible"](t, i, r), z3.And(i * r <= t, i * r + r - 1 <= t)), hyp,
-                   [t, i, r]))
   return out
 
 

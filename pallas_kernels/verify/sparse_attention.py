@@ -1,9 +1,10 @@
-"""Z3 contracts of the sparse-attention kernels (forward, backward) and of the window / slot masks.
+"""Z3 contracts of the sparse-attention kernels (forward, backward) and of the slot mask / tile layout.
 
 Symbolic sizes: B batch, S tokens, H heads, D head dim, N kv rows, T rows per tile, KT tiles; the idx
 array is padded to Kp = KT·T slots (the wrapper's `padded_slots`, proved below) and holds values in
 {−1} ∪ [0, N). Every function is taken from `pallas_kernels.sparse_attention` unless a caller
-overrides it (the mutation tests do).
+overrides it (the mutation tests do). The rules that build idx (window rows, compressed rows, top-k
+slots) are `pallas_kernels.index_rules`, proved in `verify/index_rules.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ KERNEL = "sparse_attention"
 
 def _fns(overrides):
   names = ("grid", "padded_slots", "slot", "slot_valid", "kv_row_block", "kv_row_index_map",
-           "token_index_map", "sink_index_map", "drows_index_map", "is_first_tile", "is_last_tile",
-           "window_row", "window_slot_valid")
+           "token_index_map", "sink_index_map", "drows_index_map", "is_first_tile", "is_last_tile")
   fns = {n: getattr(sa, n) for n in names}
   unknown = set(overrides) - set(fns)
   if unknown:
@@ -96,34 +96,7 @@ def _mask_properties(fns) -> list[Result]:
   kk = z3.Int("kt")
   results.append(prove(KERNEL, "online-softmax state initialised at tile 0 only",
                        fns["is_first_tile"](kk) == (kk == 0), assumptions + [0 <= kk, kk < kt], [kk]))
-  results.extend(window_properties(fns))
   return results
-
-
-def window_properties(fns) -> list[Result]:
-  """Window slots of query t read exactly the rows s with t−W < s ≤ t, s ≥ 0, each once."""
-  tq, w, src, window = z3.Ints("t w s W")
-  w1, w2 = z3.Ints("w1 w2")
-  hyp = [tq >= 0, window >= 1]
-  row = fns["window_row"]
-  valid = lambda t_, w_, win: fns["window_slot_valid"](row(t_, w_, win))
-  spec = lambda r: z3.And(tq - window < r, r <= tq, r >= 0)
-  in_w = lambda x: z3.And(0 <= x, x < window)
-  out = [
-      prove(KERNEL, "window: valid slot rows satisfy t−W < s ≤ t",
-            z3.Implies(valid(tq, w, window), spec(row(tq, w, window))), hyp + [in_w(w)], [tq, window, w]),
-      prove(KERNEL, "window: every s with t−W < s ≤ t has a valid slot",
-            z3.And(in_w(src - tq + window - 1), valid(tq, src - tq + window - 1, window),
-                   row(tq, src - tq + window - 1, window) == src),
-            hyp + [spec(src)], [tq, window, src]),
-      prove(KERNEL, "window: valid slots name distinct rows",
-            z3.Implies(z3.And(valid(tq, w1, window), valid(tq, w2, window),
-                              row(tq, w1, window) == row(tq, w2, window)), w1 == w2),
-            hyp + [in_w(w1), in_w(w2)], [tq, window, w1, w2]),
-      prove(KERNEL, "window: no query sees a future token",
-            z3.Implies(valid(tq, w, window), row(tq, w, window) <= tq), hyp + [in_w(w)], [tq, window, w]),
-  ]
-  return out
 
 
 def properties(**overrides) -> list[Result]:

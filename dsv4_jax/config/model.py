@@ -14,13 +14,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from dsv4_jax.config.errors import ConfigError, from_mapping
+
 _SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 _KERNELS = ("auto", "pallas", "xla")
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-  """A configuration value is missing, unknown or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +88,6 @@ class ModelConfig:
     """Width of the mHC mixing vector: n pre + n post + n*n comb entries."""
     return (2 + self.hc_mult) * self.hc_mult
 
-  def layer_ratio(self, layer: int) -> int:
-    return self.compress_ratios[layer]
-
   # --- validation ----------------------------------------------------------------------------
   def validate(self) -> None:
     def need(cond, msg):
@@ -132,22 +127,8 @@ class ModelConfig:
     need(self.kernels in _KERNELS, f"kernels: expected one of {_KERNELS}, got {self.kernels!r}")
     need(self.dtype in _DTYPES, f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
     need(self.param_dtype in _DTYPES, f"param_dtype: expected one of {_DTYPES}, got {self.param_dtype!r}")
-    if self.qat:  # FP8 KV sim in blocks of 64 on the non-RoPE dims; Hadamard + FP4 in blocks of 32
-      nope = self.head_dim - self.qk_rope_head_dim
-      need(nope % 64 == 0, f"qat: head_dim − qk_rope_head_dim ({nope}) must be a multiple of 64 (FP8 blocks)")
-      need(self.index_head_dim % 32 == 0 and not self.index_head_dim & (self.index_head_dim - 1),
-           f"qat: index_head_dim must be a power of two ≥ 32 (Hadamard, FP4 blocks), got {self.index_head_dim}")
 
   # --- loading -------------------------------------------------------------------------------
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a config from our own field names; unknown keys are an error."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(fields)}")
-    return cls(**values)
-
   @classmethod
   def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
     """Loads `configs/*.yaml`: either a flat mapping of fields or one under a `model:` key."""
@@ -157,7 +138,7 @@ class ModelConfig:
       raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     if "model" in data:
       data = data["model"]
-    return cls.from_dict(data)
+    return from_mapping(cls, data, "model")
 
   @classmethod
   def from_hf_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "ModelConfig":
@@ -191,7 +172,7 @@ class ModelConfig:
     if "compress_ratios" not in values:
       raise ConfigError("config.json: missing 'compress_ratios' (one per layer, then one per MTP layer)")
     values.update(overrides)
-    return cls.from_dict(values)
+    return from_mapping(cls, values, "model")
 
   def to_hf_config(self) -> dict[str, Any]:
     """The hub `config.json` dict for this config (what `save_checkpoint` writes)."""
@@ -219,155 +200,3 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
-
-
-ATTENTION_MODES = ("dense", "sparse")
-
-
-@dataclasses.dataclass(frozen=True)
-class CurriculumStage:
-  """One stage of the sequence-length curriculum.
-
-  Length is `steps`, or `tokens` (converted with the stage's batch: steps = tokens // (batch·seq_len)).
-  attention: "dense" (CSA attends every visible compressed entry) or "sparse" (indexer top-k).
-  indexer_warmup_steps: at the start of the stage, steps that train only the indexer (dense
-    attention, KL loss only, the rest of the model frozen) before the stage's own steps.
-  train_indexer: add the indexer KL loss (default: True for sparse stages).
-  batch_size: rows per batch; default tokens_per_batch // seq_len (constant tokens per batch).
-  """
-  seq_len: int
-  steps: int | None = None
-  tokens: int | None = None
-  attention: str = "dense"
-  indexer_warmup_steps: int = 0
-  train_indexer: bool | None = None
-  batch_size: int | None = None
-  name: str = ""
-
-  def __post_init__(self):
-    label = self.name or f"seq_len {self.seq_len}"
-    if (self.steps is None) == (self.tokens is None):
-      raise ConfigError(f"curriculum stage {label}: give exactly one of steps or tokens")
-    if self.attention not in ATTENTION_MODES:
-      raise ConfigError(f"curriculum stage {label}: attention must be one of {ATTENTION_MODES}, "
-                        f"got {self.attention!r}")
-    if self.seq_len < 1 or self.indexer_warmup_steps < 0:
-      raise ConfigError(f"curriculum stage {label}: seq_len must be positive and indexer_warmup_steps >= 0")
-    if self.train_indexer is None:
-      object.__setattr__(self, "train_indexer", self.attention == "sparse")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Mesh axis sizes; data = -1 takes every device not used by the other axes."""
-  data: int = -1
-  fsdp: int = 1
-  expert: int = 1
-  tensor: int = 1
-  context: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything `dsv4 train` needs. `optimizer.total_steps` is derived from the curriculum.
-
-  eval_every: steps between validations (also at the end of the run; 0 = never).
-  eval_tokens: held-out tokens per validation: a fixed random sample of packed rows of the
-    validation split at the current stage's seq_len (`validation_sample`).
-  """
-  model: ModelConfig
-  data: Any  # dsv4_jax.data.DataConfig
-  optimizer: Any  # dsv4_jax.optim.OptimizerConfig
-  curriculum: tuple[CurriculumStage, ...]
-  mesh: MeshConfig = MeshConfig()
-  tokens_per_batch: int = 8192
-  seed: int = 0
-  run_dir: str = "runs/tiny"
-  mtp_loss_weight: float = 0.3
-  mtp_loss_weight_after_decay: float = 0.1
-  balance_loss_weight: float = 1e-4
-  indexer_loss_weight: float = 1.0
-  router_bias_speed: float = 1e-3
-  log_every: int = 10
-  eval_every: int = 200
-  eval_tokens: int = 32768
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 3
-
-  def stage_batch_size(self, stage: CurriculumStage) -> int:
-    return stage.batch_size or max(1, self.tokens_per_batch // stage.seq_len)
-
-  def stage_steps(self, stage: CurriculumStage) -> int:
-    """Steps of the stage, its indexer warm-up included."""
-    if stage.steps is not None:
-      return stage.steps + stage.indexer_warmup_steps
-    return stage.tokens // (self.stage_batch_size(stage) * stage.seq_len) + stage.indexer_warmup_steps
-
-  @property
-  def total_steps(self) -> int:
-    return sum(self.stage_steps(s) for s in self.curriculum)
-
-  @classmethod
-  def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
-    """Builds from the YAML layout: sections model, data, optimizer, curriculum (a list), mesh, train."""
-    from dsv4_jax.data.config import DataConfig
-    from dsv4_jax.optim.config import OptimizerConfig
-
-    known = {"model", "data", "optimizer", "curriculum", "mesh", "train"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-      raise ConfigError(f"unknown config sections {unknown}; expected some of {sorted(known)}")
-    if not raw.get("curriculum"):
-      raise ConfigError("curriculum: expected a list of at least one stage")
-
-    def build(kind, values):
-      fields = {f.name for f in dataclasses.fields(kind)}
-      bad = sorted(set(values or {}) - fields)
-      if bad:
-        raise ConfigError(f"unknown {kind.__name__} keys {bad}; known keys: {sorted(fields)}")
-      return kind(**(values or {}))
-
-    stages = tuple(build(CurriculumStage, s) for s in raw["curriculum"])
-    train = dict(raw.get("train") or {})
-    shell = dict(model=ModelConfig.from_dict(raw["model"]), data=build(DataConfig, raw.get("data")),
-                 optimizer=None, curriculum=stages, mesh=build(MeshConfig, raw.get("mesh")))
-    fields = {f.name for f in dataclasses.fields(cls)} - set(shell)
-    bad = sorted(set(train) - fields)
-    if bad:
-      raise ConfigError(f"unknown train keys {bad}; known keys: {sorted(fields)}")
-    cfg = cls(**shell, **train)
-    optimizer = dict(raw.get("optimizer") or {})
-    optimizer["total_steps"] = cfg.total_steps
-    cfg = dataclasses.replace(cfg, optimizer=build(OptimizerConfig, optimizer))
-    for name in ("tokens_per_batch", "eval_tokens", "log_every"):
-      if getattr(cfg, name) < 1:
-        raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(cfg, name)}")
-    for stage in stages:
-      if stage.seq_len % cfg.data.align:
-        raise ConfigError(f"curriculum: seq_len {stage.seq_len} is not a multiple of data.align {cfg.data.align}")
-    return cfg
-
-  @classmethod
-  def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, str] | None = None) -> "TrainConfig":
-    """Loads a YAML file; `overrides` maps dotted keys ("optimizer.learning_rate", "curriculum.0.steps",
-    "train.log_every") to YAML-parsed values."""
-    with open(path) as f:
-      raw = yaml.safe_load(f) or {}
-    for key, value in (overrides or {}).items():
-      _set_dotted(raw, key, yaml.safe_load(value) if isinstance(value, str) else value)
-    return cls.from_dict(raw)
-
-
-def _set_dotted(tree: dict, key: str, value) -> None:
-  parts = key.split(".")
-  node = tree
-  for i, part in enumerate(parts[:-1]):
-    nxt = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    if not isinstance(nxt, (dict, list)):
-      raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-    node = nxt
-  last = parts[-1]
-  if isinstance(node, list):
-    node[int(last)] = value
-  else:
-    node[last] = value

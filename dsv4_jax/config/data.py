@@ -9,9 +9,9 @@ is fingerprinted into the iterator state, so a restored state is only accepted b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
-from dsv4_jax.config import ConfigError
+from dsv4_jax.config.errors import ConfigError
 
 SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record")
 
@@ -81,14 +81,6 @@ class DataConfig:
         raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
     if not self.text_field:
       raise ConfigError("data.text_field: expected a non-empty field name")
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"data: unknown keys {unknown}; expected a subset of {sorted(known)}")
-    return cls(**values)
 
   def fingerprint(self) -> dict[str, Any]:
     """The fields that decide the token stream; a saved iterator state records and checks them."""

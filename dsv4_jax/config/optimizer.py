@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsv4_jax.config import ConfigError
+from dsv4_jax.config.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +90,6 @@ class OptimizerConfig:
   def ns_coefficients(self) -> tuple[tuple[float, float, float], ...]:
     """Per-step Newton-Schulz coefficients (a, b, c): the fast steps, then the final ones."""
     return (self.ns_fast_coeffs,) * self.ns_fast_steps + (self.ns_final_coeffs,) * self.ns_final_steps
-
-  @classmethod
-  def from_dict(cls, values) -> "OptimizerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ConfigError(f"unknown optimizer config keys {unknown}; known keys: {sorted(fields)}")
-    return cls(**values)
 
   def replace(self, **changes) -> "OptimizerConfig":
     return dataclasses.replace(self, **changes)

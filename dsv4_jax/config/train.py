@@ -1,0 +1,146 @@
+"""Training configuration: the curriculum stages and TrainConfig, the whole `dsv4 train` YAML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import yaml
+
+from dsv4_jax.config.data import DataConfig
+from dsv4_jax.config.errors import ConfigError, from_mapping
+from dsv4_jax.config.model import ModelConfig
+from dsv4_jax.config.optimizer import OptimizerConfig
+
+ATTENTION_MODES = ("dense", "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumStage:
+  """One stage of the sequence-length curriculum.
+
+  Length is `steps`, or `tokens` (converted with the stage's batch: steps = tokens // (batch·seq_len)).
+  attention: "dense" (CSA attends every visible compressed entry) or "sparse" (indexer top-k).
+  indexer_warmup_steps: at the start of the stage, steps that train only the indexer (dense
+    attention, KL loss only, the rest of the model frozen) before the stage's own steps.
+  train_indexer: add the indexer KL loss (default: True for sparse stages).
+  batch_size: rows per batch; default tokens_per_batch // seq_len (constant tokens per batch).
+  """
+  seq_len: int
+  steps: int | None = None
+  tokens: int | None = None
+  attention: str = "dense"
+  indexer_warmup_steps: int = 0
+  train_indexer: bool | None = None
+  batch_size: int | None = None
+  name: str = ""
+
+  def __post_init__(self):
+    label = self.name or f"seq_len {self.seq_len}"
+    if (self.steps is None) == (self.tokens is None):
+      raise ConfigError(f"curriculum stage {label}: give exactly one of steps or tokens")
+    if self.attention not in ATTENTION_MODES:
+      raise ConfigError(f"curriculum stage {label}: attention must be one of {ATTENTION_MODES}, "
+                        f"got {self.attention!r}")
+    if self.seq_len < 1 or self.indexer_warmup_steps < 0:
+      raise ConfigError(f"curriculum stage {label}: seq_len must be positive and indexer_warmup_steps >= 0")
+    if self.train_indexer is None:
+      object.__setattr__(self, "train_indexer", self.attention == "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything `dsv4 train` needs. `optimizer.total_steps` is derived from the curriculum.
+
+  eval_every: steps between validations (also at the end of the run; 0 = never).
+  eval_tokens: held-out tokens per validation: a fixed random sample of packed rows of the
+    validation split at the current stage's seq_len (`validation_sample`).
+  """
+  model: ModelConfig
+  data: DataConfig
+  optimizer: OptimizerConfig
+  curriculum: tuple[CurriculumStage, ...]
+  tokens_per_batch: int = 8192
+  seed: int = 0
+  run_dir: str = "runs/tiny"
+  mtp_loss_weight: float = 0.3
+  mtp_loss_weight_after_decay: float = 0.1
+  balance_loss_weight: float = 1e-4
+  indexer_loss_weight: float = 1.0
+  router_bias_speed: float = 1e-3
+  log_every: int = 10
+  eval_every: int = 200
+  eval_tokens: int = 32768
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+
+  def stage_batch_size(self, stage: CurriculumStage) -> int:
+    return stage.batch_size or max(1, self.tokens_per_batch // stage.seq_len)
+
+  def stage_steps(self, stage: CurriculumStage) -> int:
+    """Steps of the stage, its indexer warm-up included."""
+    if stage.steps is not None:
+      return stage.steps + stage.indexer_warmup_steps
+    return stage.tokens // (self.stage_batch_size(stage) * stage.seq_len) + stage.indexer_warmup_steps
+
+  @property
+  def total_steps(self) -> int:
+    return sum(self.stage_steps(s) for s in self.curriculum)
+
+  @classmethod
+  def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
+    """Builds from the YAML layout: sections model, data, optimizer, curriculum (a list), train.
+
+    `optimizer.total_steps` is always derived from the curriculum.
+    """
+    if not isinstance(raw, Mapping):
+      raise ConfigError(f"expected a mapping of config sections, got {type(raw).__name__}")
+    known = {"model", "data", "optimizer", "curriculum", "train"}
+    unknown = sorted(str(k) for k in set(raw) - known)
+    if unknown:
+      raise ConfigError(f"unknown config sections {unknown}; expected some of {sorted(known)}")
+    if raw.get("model") is None:
+      raise ConfigError("model: missing section (the model config keys)")
+    if not raw.get("curriculum") or not isinstance(raw["curriculum"], (list, tuple)):
+      raise ConfigError("curriculum: expected a list of at least one stage")
+
+    stages = tuple(from_mapping(CurriculumStage, s, f"curriculum[{i}]") for i, s in enumerate(raw["curriculum"]))
+    # The optimizer's total_steps depends on the train section (tokens_per_batch): build with the
+    # default optimizer first, then replace it.
+    cfg = from_mapping(cls, raw.get("train"), "train", model=from_mapping(ModelConfig, raw["model"], "model"),
+                       data=from_mapping(DataConfig, raw.get("data"), "data"), optimizer=OptimizerConfig(),
+                       curriculum=stages)
+    for name in ("tokens_per_batch", "eval_tokens", "log_every"):
+      if getattr(cfg, name) < 1:
+        raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(cfg, name)}")
+    for stage in stages:
+      if stage.seq_len % cfg.data.align:
+        raise ConfigError(f"curriculum: seq_len {stage.seq_len} is not a multiple of data.align {cfg.data.align}")
+    optimizer = from_mapping(OptimizerConfig, raw.get("optimizer"), "optimizer", total_steps=cfg.total_steps)
+    return dataclasses.replace(cfg, optimizer=optimizer)
+
+  @classmethod
+  def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, str] | None = None) -> "TrainConfig":
+    """Loads a YAML file; `overrides` maps dotted keys ("optimizer.learning_rate", "curriculum.0.steps",
+    "train.log_every") to YAML-parsed values."""
+    with open(path) as f:
+      raw = yaml.safe_load(f) or {}
+    for key, value in (overrides or {}).items():
+      _set_dotted(raw, key, yaml.safe_load(value) if isinstance(value, str) else value)
+    return cls.from_dict(raw)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+  parts = key.split(".")
+  node = tree
+  for i, part in enumerate(parts[:-1]):
+    nxt = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if not isinstance(nxt, (dict, list)):
+      raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+    node = nxt
+  last = parts[-1]
+  if isinstance(node, list):
+    node[int(last)] = value
+  else:
+    node[last] = value
