@@ -27,7 +27,7 @@ def measure(cfg: ModelConfig, ratio: int, seq_len: int, mode: str, repeats: int 
   segments = jnp.ones((1, seq_len), jnp.int32)
 
   def loss(state, x):
-    out, aux = nnx.merge(graphdef, state)(x, positions, segments, attention_mode=mode)
+    out, aux, _ = nnx.merge(graphdef, state)(x, positions, segments, attention_mode=mode)
     return jnp.sum(out ** 2) + aux["indexer_kl_sum"]
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))

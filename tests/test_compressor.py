@@ -77,7 +77,7 @@ def test_compressor_matches_per_block_loop(ratio, out_dim, seq):
   assert comp.overlap == (ratio == 4)
   x = np.random.default_rng(1).standard_normal((2, seq, cfg.hidden_size)).astype(np.float32)
   positions = np.broadcast_to(np.arange(seq), (2, seq)) + np.array([[0], [1000]])
-  got = np.asarray(nnx.jit(lambda m, *a: m(*a, tuple(FREQS)))(comp, jnp.asarray(x), jnp.asarray(positions)))
+  got = np.asarray(nnx.jit(lambda m, *a: m(*a, tuple(FREQS))[0])(comp, jnp.asarray(x), jnp.asarray(positions)))
   assert got.shape == (2, seq // ratio, out_dim)  # the trailing partial block is not an entry
   for b in range(2):
     ref = numpy_compressor(comp, x[b], positions[b], FREQS.astype(np.float64), cfg.rms_norm_eps)
@@ -105,10 +105,10 @@ def test_overlap_respects_document_starts():
   x = rng.standard_normal((1, 24, cfg.hidden_size)).astype(np.float32)
   segment_ids = np.array([[1] * 8 + [0] * 4 + [2] * 12])
   positions = np.array([list(range(8)) + [0] * 4 + list(range(12))])
-  got = np.asarray(comp(jnp.asarray(x), jnp.asarray(positions), FREQS, jnp.asarray(segment_ids)))
+  got = np.asarray(comp(jnp.asarray(x), jnp.asarray(positions), FREQS, jnp.asarray(segment_ids))[0])
   doc_start = np.array([0, 0, 1, 1, 0, 0], bool)  # blocks 2 (padding) and 3 (document 2) open a segment
   ref = numpy_compressor(comp, x[0], positions[0], FREQS.astype(np.float64), cfg.rms_norm_eps, doc_start)
   np.testing.assert_allclose(got[0], ref, rtol=2e-4, atol=2e-5)
   # Document 2's entries equal those of document 2 compressed on its own.
-  alone = np.asarray(comp(jnp.asarray(x[:, 12:]), jnp.asarray(positions[:, 12:]), FREQS))
+  alone = np.asarray(comp(jnp.asarray(x[:, 12:]), jnp.asarray(positions[:, 12:]), FREQS)[0])
   np.testing.assert_allclose(got[0, 3:], alone[0], rtol=1e-5, atol=1e-6)

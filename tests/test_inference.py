@@ -63,16 +63,21 @@ def test_cache_layout():
   assert cache.lengths.shape == (3,)
 
 
-def test_decode_matches_full_forward(model, engine, sequences):
+@pytest.mark.parametrize("qat", [False, True], ids=["fp32", "qat"])
+def test_decode_matches_full_forward(model, engine, sequences, qat):
   """Batched prompts of lengths 230 and 100, then 50 teacher-forced decode steps per row, against the
-  sparse-mode full forward of each row's whole sequence (causal, so one [2, 280] forward serves both)."""
+  sparse-mode full forward of each row's whole sequence (causal, so one [2, 280] forward serves both).
+  With qat the model simulates the released FP8 KV / FP4 indexer quantisation on both paths."""
+  if qat:
+    model = tiny_model(4, qat=True, head_dim=72, index_head_dim=32, **RATIOS)
+    engine = Engine(model)
   reference = np.asarray(forward_fn(model, attention_mode="sparse", with_indexer_loss=False, with_mtp=False)(
       jnp.asarray(sequences)).logits)
   logits, cache = engine.prefill(_padded_prompts(sequences), TOTAL, lengths=PROMPT_LENGTHS)
   logits = np.asarray(logits)
   for row, length in enumerate(PROMPT_LENGTHS):
     ref = reference[row, :length]
-    assert np.abs(logits[row, :length] - ref).max() / np.abs(ref).max() <= 1e-4
+    assert np.abs(logits[row, :length] - ref).max() / np.abs(ref).max() <= 1e-5
 
   compiled_before = decode_compilations()
   errors = np.zeros((2, NEW_TOKENS))
@@ -84,7 +89,9 @@ def test_decode_matches_full_forward(model, engine, sequences):
     for row, length in enumerate(PROMPT_LENGTHS):
       ref = reference[row, length + step]
       errors[row, step] = np.abs(step_logits[row, 0] - ref).max() / np.abs(ref).max()
-  assert errors.max() <= 1e-4, f"worst relative error {errors.max():.2e} at row/step {np.unravel_index(errors.argmax(), errors.shape)}"
+  print(f"decode vs forward ({'qat' if qat else 'fp32'}): max relative error {errors.max():.2e}, "
+        f"median {np.median(errors):.2e}")
+  assert errors.max() <= 1e-5, f"worst relative error {errors.max():.2e} at row/step {np.unravel_index(errors.argmax(), errors.shape)}"
   assert decode_compilations() - compiled_before <= 1  # one program for all 50 steps
   np.testing.assert_array_equal(np.asarray(cache.lengths), np.array(PROMPT_LENGTHS) + NEW_TOKENS)
 
@@ -232,23 +239,3 @@ def test_cache_size_flash_1m_matches_analytic():
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "V3.2" in proc.stdout and "GQA-8" in proc.stdout
-
-
-def test_qat_decode_matches_full_forward_per_position():
-  """With qat, a one-ulp difference can flip an FP8/FP4 rounding and then a near-tied top-k choice,
-  so positions are judged by the median of max |Δ| / max |ref| over decode positions (≤ 2e-3)."""
-  model = tiny_model(4, qat=True, head_dim=72, index_head_dim=32, **RATIOS)
-  engine = Engine(model)
-  seq = np.random.default_rng(1).integers(0, 256, (1, 180)).astype(np.int32)
-  reference = np.asarray(forward_fn(model, attention_mode="sparse", with_indexer_loss=False, with_mtp=False)(
-      jnp.asarray(seq)).logits)[0]
-  prompt = 100
-  _, cache = engine.prefill(seq[:, :prompt], seq.shape[1])
-  errors = []
-  for t in range(prompt, seq.shape[1]):  # positions 100..179 cross 128 and many multiples of 4
-    logits, cache = engine.decode(seq[:, t:t + 1], cache)
-    errors.append(np.abs(np.asarray(logits)[0, 0] - reference[t]).max() / np.abs(reference[t]).max())
-  errors = np.array(errors)
-  print("qat decode error per position: median %.2e, p90 %.2e, max %.2e" % (
-      np.median(errors), np.quantile(errors, 0.9), errors.max()))
-  assert np.median(errors) <= 2e-3

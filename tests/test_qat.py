@@ -15,7 +15,7 @@ from flax import nnx
 from dsv4_jax.config import ConfigError
 from dsv4_jax.layers.model import Transformer
 from dsv4_jax.ops.indexer import indexer_scores
-from dsv4_jax.ops.quantization import fake_quant_fp4, fake_quant_fp8, hadamard_rotate
+from dsv4_jax.ops.quantization import fake_quant_fp4, fake_quant_fp8, hadamard_rotate, qat_quantise
 from helpers import tiny_config, tiny_model
 
 FP8 = dict(fn=fake_quant_fp8, block=64, qmax=448.0, floor=1e-4, dtype=ml_dtypes.float8_e4m3fn)
@@ -128,7 +128,7 @@ def test_layers_quantise_what_the_release_quantises(models):
   attn = model.layers[0].attn  # CSA
   rng = np.random.default_rng(4)
   kv = jnp.asarray(rng.standard_normal((2, 9, cfg.head_dim)), jnp.float32)
-  out = np.asarray(attn._kv_quantise(kv))
+  out = np.asarray(qat_quantise(kv, "kv", rd))
   np.testing.assert_array_equal(out[..., -rd:], np.asarray(kv)[..., -rd:])  # RoPE dims untouched
   np.testing.assert_array_equal(out[..., :-rd], reference_quant(np.asarray(kv)[..., :-rd], **FP8)[0])
 
@@ -138,9 +138,9 @@ def test_layers_quantise_what_the_release_quantises(models):
   qr = jnp.asarray(rng.standard_normal((1, s, cfg.q_lora_rank)), jnp.float32)
   positions = jnp.arange(s)[None]
   run = jax.jit(lambda indexer, x, qr: indexer(x, qr, positions, attn.freqs))
-  q, _, k = run(attn.indexer, x, qr)
+  q, _, k, _ = run(attn.indexer, x, qr)
   assert _on_grid(q, 32, 6.0, ml_dtypes.float4_e2m1fn) and _on_grid(k, 32, 6.0, ml_dtypes.float4_e2m1fn)
-  q0, _, k0 = run(plain_model.layers[0].attn.indexer, x, qr)
+  q0, _, k0, _ = run(plain_model.layers[0].attn.indexer, x, qr)
   assert not _on_grid(q0, 32, 6.0, ml_dtypes.float4_e2m1fn)
   # Undoing the rotation (H is symmetric and orthonormal, its own inverse) lands near the unquantised q, k.
   for quantised, plain in ((q, q0), (k, k0)):
@@ -175,6 +175,6 @@ def test_model_with_qat_trains_and_stays_close(models):
 
 def test_qat_needs_block_aligned_dims():
   with pytest.raises(ConfigError, match=r"qat: head_dim − qk_rope_head_dim \(24\) must be a multiple of 64"):
-    tiny_config(qat=True)
+    Transformer(tiny_config(qat=True), rngs=nnx.Rngs(0))
   with pytest.raises(ConfigError, match=r"qat: index_head_dim must be a power of two ≥ 32 .*got 48"):
-    tiny_config(qat=True, head_dim=72, index_head_dim=48)
+    Transformer(tiny_config(qat=True, head_dim=72, index_head_dim=48), rngs=nnx.Rngs(0))

@@ -187,7 +187,7 @@ def np_index_scores(attn: Attention, x: np.ndarray) -> np.ndarray:
   q = np_rope((qr @ np.asarray(ix.wq_b.weight[...], np.float64).T).reshape(s, ix.n_heads, ix.head_dim),
               np.arange(s), np.asarray(attn.freqs))
   wts = x @ np.asarray(ix.weights_proj.weight[...], np.float64).T * (ix.head_dim * ix.n_heads) ** -0.5
-  k = np.asarray(ix.compressor(jnp.asarray(x[None], jnp.float32), jnp.arange(s)[None], attn.freqs)[0], np.float64)
+  k = np.asarray(ix.compressor(jnp.asarray(x[None], jnp.float32), jnp.arange(s)[None], attn.freqs)[0][0], np.float64)
   return np.einsum("sh,shn->sn", wts, np.maximum(np.einsum("shd,nd->shn", q, k), 0.0))
 
 
@@ -197,10 +197,10 @@ def test_attention_layer_matches_naive_dense(ratio, seq):
   attn = randomize(Attention(cfg, ratio, rngs=nnx.Rngs(ratio)), seed=ratio + 1)
   x = np.random.default_rng(2).standard_normal((1, seq, cfg.hidden_size)).astype(np.float32)
   pos, seg = jnp.arange(seq)[None], jnp.ones((1, seq), jnp.int32)
-  out, aux = nnx.jit(lambda m, *a: m(*a, attention_mode="dense"))(attn, jnp.asarray(x), pos, seg)
+  out, aux, _ = nnx.jit(lambda m, *a: m(*a, attention_mode="dense"))(attn, jnp.asarray(x), pos, seg)
   compressed = None
   if ratio:
-    compressed = np.asarray(attn.compressor(jnp.asarray(x), pos, attn.freqs)[0], np.float64)
+    compressed = np.asarray(attn.compressor(jnp.asarray(x), pos, attn.freqs)[0][0], np.float64)
   scores = np_index_scores(attn, x[0].astype(np.float64)) if ratio == 4 else None
   ref, kl = naive_layer(attn, x[0].astype(np.float64), compressed, scores)
   np.testing.assert_allclose(np.asarray(out)[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -1,4 +1,5 @@
-"""Training: bit-exact resume across processes and a curriculum boundary, losses, aux-free balancing."""
+"""Training: bit-exact resume across processes and a curriculum boundary, losses, aux-free balancing,
+indexer warm-up."""
 
 import json
 import os
@@ -15,9 +16,11 @@ from flax import nnx
 from dsv4_jax.config import TrainConfig
 from dsv4_jax.train import curriculum
 from dsv4_jax.train.compile_ahead import CompileAhead
+from dsv4_jax.train.curriculum import StepKind
+from dsv4_jax.train.loop import init_state
 from dsv4_jax.train.losses import cross_entropy, mtp_mask
-from dsv4_jax.train.step import balance_router_bias
-from helpers import tiny_config
+from dsv4_jax.train.step import make_train_step
+from helpers import forward_fn, tiny_config, tiny_model
 
 SMALL_RUN = {
     "model": dict(vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=32,
@@ -121,13 +124,14 @@ def test_aux_free_bias_update_reduces_imbalance():
   skew = jnp.zeros((8, cfg.hidden_size)).at[0].set(jnp.mean(x, 0) * 3).at[1].set(jnp.mean(x, 0) * 2)
   gate.weight[...] = gate.weight[...] + skew
   graphdef, params, extra = nnx.split(gate, nnx.Param, ...)
-  path = [("bias",)]
 
   @jax.jit
   def step(extra):
-    ids, _, _ = nnx.merge(graphdef, params, extra)(x, jnp.zeros(512, jnp.int32))
+    gate = nnx.merge(graphdef, params, extra)
+    ids, _, _ = gate(x, jnp.zeros(512, jnp.int32))
     load = jnp.bincount(ids.reshape(-1), length=8).astype(jnp.float32)
-    return balance_router_bias(extra, load[None], 1e-3, path), load
+    gate.update_bias(load, 1e-3)
+    return nnx.split(gate, nnx.Param, ...)[2], load
 
   imbalance = []
   for _ in range(400):
@@ -135,3 +139,60 @@ def test_aux_free_bias_update_reduces_imbalance():
     imbalance.append(float(load.max() / load.mean()))
   assert imbalance[0] > 2.0, imbalance[0]
   assert np.mean(imbalance[-20:]) < 0.6 * imbalance[0], (imbalance[0], imbalance[-20:])
+
+
+def test_model_balances_every_score_routed_gate():
+  """Transformer.balance_router_bias: each score-routed gate (main and MTP layers) moves by exactly
+  speed · sign(mean load − load) from the loads of its own layer; hash-routed gates have no bias."""
+  model = tiny_model(0)
+  cfg = model.cfg
+  assert cfg.num_hash_layers >= 1 and cfg.num_nextn_predict_layers >= 1
+  ids = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
+  aux = forward_fn(model)(ids).aux
+  gates = [block.ffn.gate for block in model.layers] + [block.ffn.gate for block in model.mtp]
+  loads = list(np.asarray(aux["expert_load"])) + list(np.asarray(aux["mtp_expert_load"]))
+  assert len(loads) == len(gates) == cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+  before = [np.asarray(g.bias[...]) if not g.hash_routed else None for g in gates]
+  speed = np.float32(1e-3)
+  model.balance_router_bias(aux, float(speed))
+  moved = 0
+  for i, (gate, load, old) in enumerate(zip(gates, loads, before)):
+    if i < cfg.num_hash_layers:
+      assert gate.hash_routed and not hasattr(gate, "bias") and hasattr(gate, "tid2eid"), i
+      continue
+    assert not gate.hash_routed, i
+    new = np.asarray(gate.bias[...])
+    direction = np.sign(load.mean() - load)   # +1 under-loaded, −1 over-loaded, 0 exactly balanced
+    np.testing.assert_array_equal(new, old + speed * direction.astype(np.float32), err_msg=str(i))
+    np.testing.assert_allclose(np.abs(new - old)[direction != 0], speed, rtol=1e-3)
+    moved += int(np.any(new != old))
+  assert moved == len(gates) - cfg.num_hash_layers
+
+
+def test_indexer_warmup_step_changes_only_indexer_parameters():
+  """An indexer-only step: every Param tagged indexer=True moves; every other Param and all non-Param
+  state (router biases: no balancing on these steps) stay bit-identical."""
+  cfg = TrainConfig.from_dict(SMALL_RUN)
+  graphdef, state, tx = init_state(cfg)
+  step = make_train_step(graphdef, tx, cfg, cfg.optimizer.decay_start_step)
+  rng = np.random.default_rng(0)
+  b, s = 2, 128
+  ids = rng.integers(1, cfg.model.vocab_size, (b, s)).astype(np.int32)
+  batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((b, s), np.float32),
+           "segment_ids": np.ones((b, s), np.int32), "target_bytes": np.ones((b, s), np.int32),
+           "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
+
+  def flat(tree):  # path -> (tagged indexer, value)
+    return {p: (v.get_metadata("indexer", False), np.array(v[...])) for p, v in nnx.to_flat_state(tree)}
+
+  params, extra = flat(state.params), flat(state.extra)
+  assert any(tagged for tagged, _ in params.values())
+  state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, StepKind("dense", True, True))
+  assert np.isfinite(float(metrics["indexer_loss"])) and float(metrics["indexer_loss"]) > 0
+  new_params, new_extra = flat(state.params), flat(state.extra)
+  assert new_params.keys() == params.keys() and new_extra.keys() == extra.keys()
+  for path, (tagged, old) in params.items():
+    changed = not np.array_equal(new_params[path][1], old)
+    assert changed == tagged, (path, tagged)
+  for path, (_, old) in extra.items():
+    np.testing.assert_array_equal(new_extra[path][1], old, err_msg=str(path))
