@@ -72,8 +72,11 @@ def param_groups(params) -> Any:
   Works on parameters, gradients and updates alike (they keep the Param wrappers and metadata), so
   it can be passed as the label function of `optax.partition`.
   """
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, v: v.replace(param_group(key_path_names(kp), v)), params, is_leaf=_is_variable)
+  def label(key_path, leaf):
+    group = param_group(key_path_names(key_path), leaf)  # raises unless `leaf` is an annotated Param
+    return leaf.replace(group)
+
+  return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_variable)
 
 
 def param_group_rows(params) -> list[tuple[str, tuple[int, ...], str]]:
