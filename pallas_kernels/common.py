@@ -87,3 +87,31 @@ def kernel_call(kernel: Callable, *, grid: tuple, in_specs: Sequence, out_specs:
     return call(*args, *nan_buffers)
 
   return run
+
+
+def map_query_chunks(fn: Callable, chunk_size: int, *xs):
+  """Applies fn to consecutive query chunks of arrays [B, S, ...] and concatenates the results.
+
+  S is padded to a multiple of chunk_size (integer arrays with −1, e.g. index slots and query rows that
+  then name nothing; others with 0), the padding rows are sliced off again, and each chunk is
+  rematerialised in the backward pass, so only one chunk's intermediates are alive at a time.
+  fn receives (*chunks) and returns a pytree of [B, chunk, ...] arrays. Shared by the kernels and the
+  XLA references (dsv4_jax imports it from here).
+  """
+  s = xs[0].shape[1]
+  if s <= chunk_size:  # one chunk: nothing to save by rematerialising
+    return fn(*xs)
+  n = -(-s // chunk_size)
+  pad = n * chunk_size - s
+
+  def split(x):
+    fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
+
+  def merge(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], n * chunk_size) + y.shape[3:])[:, :s]
+
+  out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(split(x) for x in xs))
+  return jax.tree.map(merge, out)

@@ -8,7 +8,7 @@ Per token (N streams, M = (2+N)·N mixes, z = mixes · scale_vec + base, all fp3
   y      = Σ_i pre_i · X_i                                               (mhc_pre)
   Y_j    = post_j · y + Σ_i comb[i, j] · X_i                             (mhc_post)
 Shapes: X [B, S, N, d], mixes [B, S, M], scale [3], base [M]; y [B, S, d], post [B, S, N],
-comb [B, S, N, N]. Same semantics as dsv4_jax.layers.mhc (hc_split + weighted_stream_sum, mhc_post).
+comb [B, S, N, N]. Same semantics as the XLA reference dsv4_jax.ops.mhc (mhc_pre, mhc_post).
 
 Kernel layout: tokens flattened and tiled (grid (B·S / bt,), parallel), X as [tokens, N·d] so stream i
 is the lane range `stream_cols(i, d)`; the comb logits are viewed as [bt, N, N] (row-major,
@@ -302,10 +302,8 @@ def _mhc_post_bwd(interpret, residuals, dout):
 _mhc_post.defvjp(_mhc_post_fwd, _mhc_post_bwd)
 
 
-def mhc_pre(x: jax.Array, mixes: jax.Array, scale: jax.Array, base: jax.Array, *, iters: int, eps: float,
-            interpret=None):
-  """X [B, S, N, d], mixes [B, S, (2+N)·N], scale [3], base [(2+N)·N] ->
-  (y [B, S, d] in X's dtype, post [B, S, N], comb [B, S, N, N]) (fp32 mixing), differentiable in all."""
+def check_pre_arguments(x: jax.Array, mixes: jax.Array, scale: jax.Array, base: jax.Array, iters: int) -> None:
+  """The shape contract of mhc_pre (this kernel and the XLA reference alike)."""
   b, s, n, d = x.shape
   m = mix_count(n)
   if mixes.shape != (b, s, m):
@@ -314,14 +312,26 @@ def mhc_pre(x: jax.Array, mixes: jax.Array, scale: jax.Array, base: jax.Array, *
     raise ValueError(f"mhc_pre: scale must be [3] and base [{m}], got {scale.shape} and {base.shape}")
   if iters < 1:
     raise ValueError(f"mhc_pre: iters must be ≥ 1, got {iters}")
+
+
+def check_post_arguments(y: jax.Array, residual: jax.Array, post: jax.Array, comb: jax.Array) -> None:
+  """The shape contract of mhc_post (this kernel and the XLA reference alike)."""
+  b, s, n, d = residual.shape
+  if y.shape != (b, s, d) or post.shape != (b, s, n) or comb.shape != (b, s, n, n):
+    raise ValueError(f"mhc_post: expected y [{b}, {s}, {d}], post [{b}, {s}, {n}], comb [{b}, {s}, {n}, {n}]; "
+                     f"got {y.shape}, {post.shape}, {comb.shape}")
+
+
+def mhc_pre(x: jax.Array, mixes: jax.Array, scale: jax.Array, base: jax.Array, *, iters: int, eps: float,
+            interpret=None):
+  """X [B, S, N, d], mixes [B, S, (2+N)·N], scale [3], base [(2+N)·N] ->
+  (y [B, S, d] in X's dtype, post [B, S, N], comb [B, S, N, N]) (fp32 mixing), differentiable in all."""
+  check_pre_arguments(x, mixes, scale, base, iters)
   return _mhc_pre(x, mixes, scale, base, int(iters), float(eps),
                   resolve_interpret(interpret, "pallas_kernels.mhc_pre"))
 
 
 def mhc_post(y: jax.Array, residual: jax.Array, post: jax.Array, comb: jax.Array, *, interpret=None):
   """Y_j = post_j · y + Σ_i comb[i, j] · X_i.  y [B, S, d], residual X [B, S, N, d] -> [B, S, N, d]."""
-  b, s, n, d = residual.shape
-  if y.shape != (b, s, d) or post.shape != (b, s, n) or comb.shape != (b, s, n, n):
-    raise ValueError(f"mhc_post: expected y [{b}, {s}, {d}], post [{b}, {s}, {n}], comb [{b}, {s}, {n}, {n}]; "
-                     f"got {y.shape}, {post.shape}, {comb.shape}")
+  check_post_arguments(y, residual, post, comb)
   return _mhc_post(y, residual, post, comb, resolve_interpret(interpret, "pallas_kernels.mhc_post"))

@@ -43,7 +43,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import kernel_call, resolve_interpret
+from pallas_kernels.common import kernel_call, map_query_chunks, resolve_interpret
 from pallas_kernels.intmath import cdiv, floordiv, land, select
 
 ROWS_PER_TILE = 8
@@ -257,6 +257,17 @@ def _attend_bwd(scale, interpret, residuals, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def check_arguments(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Array) -> None:
+  """The shape contract of sparse attention (this kernel and the XLA reference alike)."""
+  b, s, h, d = q.shape
+  if kv.ndim != 3 or kv.shape[0] != b or kv.shape[-1] != d:
+    raise ValueError(f"sparse_attention: kv must be [B={b}, N, D={d}], got {kv.shape}")
+  if idx.shape[:2] != (b, s) or idx.ndim != 3:
+    raise ValueError(f"sparse_attention: idx must be [B={b}, S={s}, K], got {idx.shape}")
+  if sink.shape != (h,):
+    raise ValueError(f"sparse_attention: sink must be [H={h}], got {sink.shape}")
+
+
 def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Array, *,
                      scale: float | None = None, chunk_size: int | None = 256, return_lse: bool = False,
                      interpret=None):
@@ -274,13 +285,8 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
   Returns:
     o [B, S, H, D] in q's dtype (and lse).
   """
-  b, s, h, d = q.shape
-  if kv.ndim != 3 or kv.shape[0] != b or kv.shape[-1] != d:
-    raise ValueError(f"sparse_attention: kv must be [B={b}, N, D={d}], got {kv.shape}")
-  if idx.shape[:2] != (b, s) or idx.ndim != 3:
-    raise ValueError(f"sparse_attention: idx must be [B={b}, S={s}, K], got {idx.shape}")
-  if sink.shape != (h,):
-    raise ValueError(f"sparse_attention: sink must be [H={h}], got {sink.shape}")
+  check_arguments(q, kv, sink, idx)
+  s, d = q.shape[1], q.shape[3]
   if idx.shape[-1] == 0:
     raise ValueError("sparse_attention: idx must have at least one slot (K ≥ 1), got K = 0")
   scale = float(d ** -0.5 if scale is None else scale)
@@ -289,24 +295,5 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
   if chunk_size is None or s <= chunk_size:
     o, lse = attend(q, idx)
   else:
-    o, lse = _map_query_chunks(attend, chunk_size, q, idx)
+    o, lse = map_query_chunks(attend, chunk_size, q, idx)
   return (o, lse) if return_lse else o
-
-
-def _map_query_chunks(fn, chunk_size, *xs):
-  """fn over consecutive query chunks of [B, S, ...] arrays (padded, rematerialised per chunk)."""
-  s = xs[0].shape[1]
-  n = -(-s // chunk_size)
-  pad = n * chunk_size - s
-
-  def split(x):
-    fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
-
-  def merge(y):
-    y = jnp.moveaxis(y, 0, 1)
-    return y.reshape((y.shape[0], n * chunk_size) + y.shape[3:])[:, :s]
-
-  out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(split(x) for x in xs))
-  return jax.tree.map(merge, out)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.mhc import check_post_arguments, check_pre_arguments
+
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
   """logits [..., n, n] -> comb [..., n, n] (fp32), `iters` Sinkhorn-Knopp normalisations in all."""
@@ -58,24 +60,14 @@ def weighted_stream_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
 def mhc_pre(x: jax.Array, mixes: jax.Array, scale: jax.Array, base: jax.Array, *, iters: int, eps: float):
   """X [B, S, N, d], mixes [B, S, (2+N)·N], scale [3], base [(2+N)·N] ->
   (y [B, S, d] in X's dtype, post [B, S, N], comb [B, S, N, N]) (fp32 mixing); hc_split + weighted_stream_sum."""
-  b, s, n, _ = x.shape
-  m = (2 + n) * n
-  if mixes.shape != (b, s, m):
-    raise ValueError(f"mhc_pre: mixes must be [B={b}, S={s}, (2+N)·N={m}], got {mixes.shape}")
-  if scale.shape != (3,) or base.shape != (m,):
-    raise ValueError(f"mhc_pre: scale must be [3] and base [{m}], got {scale.shape} and {base.shape}")
-  if iters < 1:
-    raise ValueError(f"mhc_pre: iters must be ≥ 1, got {iters}")
-  pre, post, comb = hc_split(mixes, scale, base, n, iters, eps)
+  check_pre_arguments(x, mixes, scale, base, iters)
+  pre, post, comb = hc_split(mixes, scale, base, x.shape[2], iters, eps)
   return weighted_stream_sum(x, pre), post, comb
 
 
 def mhc_post(y: jax.Array, residual: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
   """Y_j = post_j · y + Σ_i comb[i, j] · X_i.  y [B, S, d], residual X [B, S, N, d] -> [B, S, N, d] in y's dtype."""
-  b, s, n, d = residual.shape
-  if y.shape != (b, s, d) or post.shape != (b, s, n) or comb.shape != (b, s, n, n):
-    raise ValueError(f"mhc_post: expected y [{b}, {s}, {d}], post [{b}, {s}, {n}], comb [{b}, {s}, {n}, {n}]; "
-                     f"got {y.shape}, {post.shape}, {comb.shape}")
+  check_post_arguments(y, residual, post, comb)
   out = post.astype(jnp.float32)[..., None] * y[..., None, :].astype(jnp.float32)
   out = out + jnp.einsum("bsij,bsid->bsjd", comb.astype(jnp.float32), residual.astype(jnp.float32))
   return out.astype(y.dtype)

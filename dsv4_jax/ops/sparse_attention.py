@@ -16,6 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import map_query_chunks
+from pallas_kernels.sparse_attention import check_arguments
+
 
 def gather_rows(kv: jax.Array, idx: jax.Array) -> jax.Array:
   """kv [B, N, D], idx [B, S, K] (−1 allowed) -> rows [B, S, K, D] (masked rows read row 0)."""
@@ -55,13 +58,8 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
   Returns:
     o [B, S, H, D] in q's dtype (and lse).
   """
-  b, s, h, d = q.shape
-  if kv.ndim != 3 or kv.shape[0] != b or kv.shape[-1] != d:
-    raise ValueError(f"sparse_attention: kv must be [B={b}, N, D={d}], got {kv.shape}")
-  if idx.shape[:2] != (b, s) or idx.ndim != 3:
-    raise ValueError(f"sparse_attention: idx must be [B={b}, S={s}, K], got {idx.shape}")
-  if sink.shape != (h,):
-    raise ValueError(f"sparse_attention: sink must be [H={h}], got {sink.shape}")
+  check_arguments(q, kv, sink, idx)
+  s, d = q.shape[1], q.shape[3]
   scale = d ** -0.5 if scale is None else scale
   attend = functools.partial(_attend, scale=scale)
   if chunk_size is None or s <= chunk_size:
@@ -69,28 +67,3 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
   else:
     o, lse = map_query_chunks(lambda q_c, idx_c: attend(q_c, kv, sink, idx_c), chunk_size, q, idx)
   return (o, lse) if return_lse else o
-
-
-def map_query_chunks(fn, chunk_size: int, *xs):
-  """Applies fn to consecutive query chunks of arrays [B, S, ...] and concatenates the results.
-
-  S is padded to a multiple of chunk_size (padding rows are sliced off again); each chunk is
-  rematerialised in the backward pass so only one chunk's intermediates are alive at a time.
-  fn receives (*chunks) and returns a pytree of [B, chunk, ...] arrays.
-  """
-  s = xs[0].shape[1]
-  if s <= chunk_size:  # one chunk: nothing to save by rematerialising
-    return fn(*xs)
-  n = -(-s // chunk_size)
-  pad = n * chunk_size - s
-
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
-
-  def merge(y):
-    y = jnp.moveaxis(y, 0, 1)
-    return y.reshape((y.shape[0], n * chunk_size) + y.shape[3:])[:, :s]
-
-  out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(split(x) for x in xs))
-  return jax.tree.map(merge, out)
