@@ -188,12 +188,17 @@ def _specs(h, d, tile):
   return token, token_col, rows
 
 
-def _forward_call(q, kv, sink, idx, scale, interpret):
-  b, s, h, d = q.shape
+def _tiled_slots(idx):
+  """idx [B, S, K] -> (idx padded with −1 to Kp = padded_slots(K, T) slots, T, Kp)."""
   k = idx.shape[-1]
   tile = min(ROWS_PER_TILE, k)
   kp = padded_slots(k, tile)
-  idx = jnp.pad(idx.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - k)], constant_values=-1)
+  return jnp.pad(idx.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - k)], constant_values=-1), tile, kp
+
+
+def _forward_call(q, kv, sink, idx, scale, interpret):
+  b, s, h, d = q.shape
+  idx, tile, kp = _tiled_slots(idx)
   n_tiles = kp // tile
   token, token_col, rows = _specs(h, d, tile)
   sink_spec = pl.BlockSpec((h, 1), sink_index_map)
@@ -212,9 +217,7 @@ def _forward_call(q, kv, sink, idx, scale, interpret):
 def _backward_call(q, kv, idx, lse, delta, glse, do, scale, interpret):
   b, s, h, d = q.shape
   k = idx.shape[-1]
-  tile = min(ROWS_PER_TILE, k)
-  kp = padded_slots(k, tile)
-  idx = jnp.pad(idx.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - k)], constant_values=-1)
+  idx, tile, kp = _tiled_slots(idx)
   n_tiles = kp // tile
   token, token_col, rows = _specs(h, d, tile)
   drows_spec = pl.BlockSpec((None, None, tile, d), drows_index_map)

@@ -86,6 +86,14 @@ class KernelContract:
   in_kernel_reads: Callable | None = None   # (grid point) -> None, performs the body's ref reads
 
 
+def functions_under_proof(module, names: Sequence[str], overrides: dict) -> dict[str, Callable]:
+  """{name: module.<name>} looked up now (so a patched function is the one proved), then `overrides`."""
+  unknown = set(overrides) - set(names)
+  if unknown:
+    raise KeyError(f"unknown {module.__name__} functions to override: {sorted(unknown)}; known: {list(names)}")
+  return {**{n: getattr(module, n) for n in names}, **overrides}
+
+
 def prove(kernel: str, prop: str, claim, assumptions: Sequence, show: Sequence = ()) -> Result:
   solver = z3.Solver()
   solver.set("timeout", TIMEOUT_MS)

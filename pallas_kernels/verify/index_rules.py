@@ -23,7 +23,7 @@ from __future__ import annotations
 import z3
 
 from pallas_kernels import index_rules
-from pallas_kernels.verify.engine import Result, prove
+from pallas_kernels.verify.engine import Result, functions_under_proof, prove
 
 KERNEL = "index_rules"
 NAMES = ("window_row", "window_visible", "ring_slot", "ring_position", "entry_visible", "entry_first_token",
@@ -31,12 +31,7 @@ NAMES = ("window_row", "window_visible", "ring_slot", "ring_position", "entry_vi
 
 
 def _fns(overrides):
-  fns = {n: getattr(index_rules, n) for n in NAMES}
-  unknown = set(overrides) - set(fns)
-  if unknown:
-    raise KeyError(f"unknown index rules to override: {sorted(unknown)}; known: {NAMES}")
-  fns.update(overrides)
-  return fns
+  return functions_under_proof(index_rules, NAMES, overrides)
 
 
 def window_properties(f) -> list[Result]:

@@ -11,21 +11,18 @@ from __future__ import annotations
 import z3
 
 from pallas_kernels import indexer as ix
-from pallas_kernels.verify.engine import KernelContract, Operand, Result, check, prove
+from pallas_kernels.verify.engine import KernelContract, Operand, Result, check, functions_under_proof, prove
 
 KERNEL = "indexer"
 
 
-def _fns(overrides):
-  names = ("grid", "grid_dk", "padded", "entry", "q_index_map", "rows_index_map",
+NAMES = ("grid", "grid_dk", "padded", "entry", "q_index_map", "rows_index_map",
            "k_index_map", "score_index_map", "dk_q_index_map", "dk_rows_index_map", "dk_k_index_map",
            "dk_score_index_map", "is_first_tile", "is_last_tile")
-  fns = {n: getattr(ix, n) for n in names}
-  unknown = set(overrides) - set(fns)
-  if unknown:
-    raise KeyError(f"unknown indexer functions to override: {sorted(unknown)}; known: {names}")
-  fns.update(overrides)
-  return fns
+
+
+def _fns(overrides):
+  return functions_under_proof(ix, NAMES, overrides)
 
 
 def _sizes():

@@ -10,20 +10,17 @@ from __future__ import annotations
 import z3
 
 from pallas_kernels import mhc
-from pallas_kernels.verify.engine import KernelContract, Operand, Result, check, prove
+from pallas_kernels.verify.engine import KernelContract, Operand, Result, check, functions_under_proof, prove
 
 KERNEL = "mhc"
 
 
-def _fns(overrides):
-  names = ("grid", "padded", "token_index_map", "param_index_map", "stream_cols", "pre_cols", "post_cols",
+NAMES = ("grid", "padded", "token_index_map", "param_index_map", "stream_cols", "pre_cols", "post_cols",
            "comb_cols", "comb_col", "mix_count")
-  fns = {n: getattr(mhc, n) for n in names}
-  unknown = set(overrides) - set(fns)
-  if unknown:
-    raise KeyError(f"unknown mHC functions to override: {sorted(unknown)}; known: {names}")
-  fns.update(overrides)
-  return fns
+
+
+def _fns(overrides):
+  return functions_under_proof(mhc, NAMES, overrides)
 
 
 def contracts(fns) -> list[KernelContract]:

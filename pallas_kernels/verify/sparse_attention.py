@@ -13,20 +13,18 @@ import z3
 
 from pallas_kernels import sparse_attention as sa
 from pallas_kernels.intmath import floordiv
-from pallas_kernels.verify.engine import KernelContract, Operand, Result, SymbolicRef, check, prove
+from pallas_kernels.verify.engine import (KernelContract, Operand, Result, SymbolicRef,
+                                         check, functions_under_proof, prove)
 
 KERNEL = "sparse_attention"
 
 
-def _fns(overrides):
-  names = ("grid", "padded_slots", "slot", "slot_valid", "kv_row_block", "kv_row_index_map",
+NAMES = ("grid", "padded_slots", "slot", "slot_valid", "kv_row_block", "kv_row_index_map",
            "token_index_map", "sink_index_map", "drows_index_map", "is_first_tile", "is_last_tile")
-  fns = {n: getattr(sa, n) for n in names}
-  unknown = set(overrides) - set(fns)
-  if unknown:
-    raise KeyError(f"unknown sparse-attention functions to override: {sorted(unknown)}; known: {names}")
-  fns.update(overrides)
-  return fns
+
+
+def _fns(overrides):
+  return functions_under_proof(sa, NAMES, overrides)
 
 
 def _sizes():
