@@ -1,4 +1,4 @@
-"""Pallas lightning-indexer scores with the causal compressed-entry mask, and top-k selection.
+"""Pallas lightning-indexer scores with the causal compressed-entry mask (top-k selection: dsv4_jax.ops.indexer).
 
   score[b, t, i] = Σ_h w[b, t, h] · ReLU(q[b, t, h] · k[b, i])     if entry i is visible to query t
                  = −inf                                             otherwise
@@ -309,16 +309,3 @@ def indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array, *, ratio: int | Non
   interpret = resolve_interpret(interpret, "pallas_kernels.indexer_scores")
   return _scores(q, w, k, rows, ratio, interpret)
 
-
-def select_topk(scores: jax.Array, topk: int):
-  """Masked scores [B, C, N] (−inf = invisible) -> (idx [B, C, K] with −1 for invisible picks, values).
-
-  K = min(topk, N); ties broken by the lower index; the indices of one query are distinct.
-  """
-  values, idx = jax.lax.top_k(scores, min(topk, scores.shape[-1]))
-  return jnp.where(values > -jnp.inf, idx, -1), values
-
-
-def indexer_topk(q, w, k, *, ratio: int, topk: int, rows=None, interpret=None):
-  """Top-k visible compressed entries per query: (idx [B, C, K] (−1 = none), scores [B, C, K])."""
-  return select_topk(indexer_scores(q, w, k, ratio=ratio, rows=rows, interpret=interpret), topk)

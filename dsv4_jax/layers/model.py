@@ -11,6 +11,8 @@ block belongs to one document; tokens attend only within their own segment.
 Inference is the same call with a `cache` (layers/cache.py, `init_cache`): S > 1 tokens fill an empty
 cache (prefill; right-padded rows, segment_ids 0 on padding), S = 1 token per row decodes at position
 cache.lengths; `ModelOutput.cache` is the updated cache. The MTP block is not run with a cache.
+(Several tokens into a non-empty cache, i.e. chunked prefill, is not supported: an eager call raises;
+under jit the cache's lengths are not known, so keep to the rule.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
@@ -100,6 +103,9 @@ class Transformer(nnx.Module):
     if cache is not None and (len(cache.layers) != cfg.num_hidden_layers or cache.lengths.shape != (b,)):
       raise ValueError(f"cache: expected {cfg.num_hidden_layers} layers and lengths of shape ({b},), got "
                        f"{len(cache.layers)} layers and lengths of shape {cache.lengths.shape}")
+    if cache is not None and s > 1 and not isinstance(cache.lengths, jax.core.Tracer) and np.any(cache.lengths):
+      raise ValueError(f"cache: a call with {s} tokens fills an empty cache (prefill), but the cache already "
+                       f"holds {np.asarray(cache.lengths).tolist()} tokens per row; decode one token at a time")
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
     if positions is None:

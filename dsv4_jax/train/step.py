@@ -23,6 +23,7 @@ from dsv4_jax.config import TrainConfig
 from dsv4_jax.train.curriculum import StepKind
 from dsv4_jax.train.losses import training_losses
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
