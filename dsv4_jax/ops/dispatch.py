@@ -47,12 +47,20 @@ def hybrid_attention(kernels: str):
 
 
 def indexer_scores(kernels: str):
-  """(q [B,C,Hi,Di], w [B,C,Hi], k [B,N,Di], *, ratio, rows [B,C]) -> fp32 scores [B,C,N], −inf where
-  entry i is not yet complete at query position rows[b, c]."""
+  """(q [B,C,Hi,Di], w [B,C,Hi], k [B,N,Di], *, ratio, rows [B,C]) -> fp32 scores [B,C,N].
+
+  Equal wherever entry i is complete at query row rows[b, c] (`entry_visible`). Elsewhere the kernel
+  writes −inf (and may skip the work) while the reference leaves the raw score: callers mask with the
+  full visibility (segments included) before using them, as `ops.indexer.select_topk` does."""
   if use_pallas(kernels):
     from pallas_kernels.indexer import indexer_scores as kernel
     return kernel
-  return indexer_ref.causal_indexer_scores
+  return _reference_indexer_scores
+
+
+def _reference_indexer_scores(q, w, k, *, ratio, rows):
+  del ratio, rows  # the reference leaves invisible entries unmasked (see indexer_scores)
+  return indexer_ref.indexer_scores(q, w, k)
 
 
 def mhc_pre(kernels: str):

@@ -18,15 +18,6 @@ def indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("bchn,bch->bcn", jax.nn.relu(dots), w.astype(jnp.float32))
 
 
-def causal_indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array, *, ratio: int, rows: jax.Array) -> jax.Array:
-  """indexer_scores with −inf where entry i is not complete at query row rows[b, c] (`entry_visible`).
-
-  Same function as the Pallas kernel `pallas_kernels.indexer.indexer_scores(..., ratio=, rows=)`.
-  """
-  visible = index_rules.entry_visible(rows[..., None], jnp.arange(k.shape[1]), ratio)
-  return jnp.where(visible, indexer_scores(q, w, k), -jnp.inf)
-
-
 def select_topk(scores: jax.Array, visible: jax.Array, topk: int):
   """scores, visible [B, C, N] -> (idx [B, C, K] with −1 for invisible picks, masked scores [B, C, K]).
 

@@ -33,7 +33,6 @@ def window_indices(rows: jax.Array, segment_ids: jax.Array, window: int) -> jax.
 def compressed_visibility(rows: jax.Array, segment_ids: jax.Array, ratio: int, n: int) -> jax.Array:
   """Query rows [B, C] -> [B, C, N] bool: entry i is complete at the query and lies in its document."""
   entries = jnp.arange(n, dtype=jnp.int32)
-  entry_segment = _segment_at(segment_ids, jnp.broadcast_to(index_rules.entry_first_token(entries, ratio),
-                                                            (rows.shape[0], n)))
+  entry_segment = segment_ids[:, :n * ratio:ratio]  # its first token's: entry_first_token(i) = i·r, a slice
   same_document = entry_segment[:, None, :] == _segment_at(segment_ids, rows)[..., None]
   return index_rules.entry_visible(rows[..., None], entries, ratio) & same_document
