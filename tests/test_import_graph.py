@@ -135,66 +135,39 @@ def test_cross_unit_imports_follow_the_layering():
   assert not violations, f"{len(violations)} import(s) break the layering:\n  " + "\n  ".join(violations)
 
 
-def _strongly_connected(graph: dict[str, list[tuple[str, int]]]) -> list[list[str]]:
-  """Tarjan: the strongly connected components of more than one module (each holds a cycle)."""
-  index: dict[str, int] = {}
-  low: dict[str, int] = {}
-  stack: list[str] = []
-  components = []
+def _first_cycle(graph: dict[str, list[tuple[str, int]]]) -> list[tuple[str, int]] | None:
+  """Depth-first search: a cycle as [(module, line of its import of the next)], or None."""
+  done: set[str] = set()
+  path: list[tuple[str, int]] = []  # the modules being visited, each with the line of its current edge
 
-  def connect(node: str) -> None:
-    index[node] = low[node] = len(index)
-    stack.append(node)
-    for target, _ in graph[node]:
-      if target not in index:
-        connect(target)
-        low[node] = min(low[node], low[target])
-      elif target in stack:
-        low[node] = min(low[node], index[target])
-    if low[node] == index[node]:
-      component = []
-      while not component or component[-1] != node:
-        component.append(stack.pop())
-      if len(component) > 1:
-        components.append(sorted(component))
+  def visit(node: str):
+    on_path = [m for m, _ in path]
+    for target, line in graph[node]:
+      if target in on_path:
+        return path[on_path.index(target):] + [(node, line)]
+      if target not in done:
+        path.append((node, line))
+        cycle = visit(target)
+        path.pop()
+        if cycle:
+          return cycle
+    done.add(node)
+    return None
 
   for node in sorted(graph):
-    if node not in index:
-      connect(node)
-  return components
-
-
-def _cycle_in(component: list[str], graph: dict[str, list[tuple[str, int]]]) -> list[tuple[str, int]]:
-  """A shortest cycle through the component's first module: [(module, line of its import of the next)]."""
-  members, start = set(component), component[0]
-  previous: dict[str, tuple[str, int]] = {}
-  frontier = [start]
-  while frontier:  # breadth-first until an edge leads back to `start`
-    following = []
-    for node in frontier:
-      for target, line in graph[node]:
-        if target == start:
-          cycle = [(node, line)]
-          while node != start:
-            node, line = previous[node]
-            cycle.append((node, line))
-          return cycle[::-1]
-        if target in members and target not in previous:
-          previous[target] = (node, line)
-          following.append(target)
-    frontier = following
-  raise AssertionError(f"no cycle through {start}")
+    if node not in done:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
 
 
 def test_module_level_import_graph_has_no_cycle():
   graph = {module: sorted({(t, line) for t, line, eager in imports if eager and t in MODULES and t != module})
            for module, imports in IMPORTS.items()}
-  cycles = []
-  for component in _strongly_connected(graph):
-    cycle = _cycle_in(component, graph)
-    steps = " -> ".join(f"{m} ({_where(m, line)})" for m, line in cycle)
-    cycles.append(f"{steps} -> {cycle[0][0]}  [modules in this cycle group: {', '.join(component)}]")
-  assert not cycles, f"{len(cycles)} module-level import cycle(s):\n  " + "\n  ".join(cycles)
+  cycle = _first_cycle(graph)
+  assert cycle is None, "module-level import cycle: " + " -> ".join(
+      f"{m} ({_where(m, line)})" for m, line in cycle) + f" -> {cycle[0][0]}"
 
 
 def test_the_scanner_sees_local_and_relative_imports(tmp_path):
