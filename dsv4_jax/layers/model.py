@@ -146,10 +146,11 @@ class Transformer(nnx.Module):
     """Aux-loss-free balancing, after an optimizer step: every score-routed gate moves its bias by
     speed · sign(mean load − load), from the per-layer expert loads this model reported in `aux`
     (a ModelOutput.aux). Hash-routed gates have no bias and are left as they are."""
-    for block, load in zip(self.layers, aux["expert_load"]):
+    for block, load in zip(self.layers, aux["expert_load"], strict=True):
       block.ffn.gate.update_bias(load, speed)
-    for block, load in zip(self.mtp, aux.get("mtp_expert_load", ())):
-      block.ffn.gate.update_bias(load, speed)
+    if "mtp_expert_load" in aux:  # absent when the MTP block did not run (e.g. indexer warm-up steps)
+      for block, load in zip(self.mtp, aux["mtp_expert_load"], strict=True):
+        block.ffn.gate.update_bias(load, speed)
 
 
 class _Embedding(nnx.Module):
