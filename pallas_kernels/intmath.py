@@ -7,8 +7,8 @@ by `pallas_kernels.verify`, so what is proved is exactly what runs.
 
 Helpers dispatch on the argument type: Z3 terms get z3.If / z3.And / integer division and remainder
 (SMT-LIB `div` / `mod`, which equal floor division / floor modulo for the positive divisors used here,
-for negative dividends too); everything else goes to jnp (or to plain Python for Python ints). z3 is never imported here: a Z3 term can only exist if the verifier
-already imported it.
+for negative dividends too); everything else goes to jnp (or to plain Python for Python ints). z3 is
+never imported here: a Z3 term can only exist if the verifier already imported it.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def test_decode_matches_full_forward(model, engine, sequences, qat):
       errors[row, step] = np.abs(step_logits[row, 0] - ref).max() / np.abs(ref).max()
   print(f"decode vs forward ({'qat' if qat else 'fp32'}): max relative error {errors.max():.2e}, "
         f"median {np.median(errors):.2e}")
-  assert errors.max() <= 1e-5, f"worst relative error {errors.max():.2e} at row/step {np.unravel_index(errors.argmax(), errors.shape)}"
+  worst = np.unravel_index(errors.argmax(), errors.shape)
+  assert errors.max() <= 1e-5, f"worst relative error {errors.max():.2e} at row/step {worst}"
   assert decode_compilations() - compiled_before <= 1  # one program for all 50 steps
   np.testing.assert_array_equal(np.asarray(cache.lengths), np.array(PROMPT_LENGTHS) + NEW_TOKENS)
 

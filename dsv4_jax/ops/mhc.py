@@ -7,7 +7,7 @@ Shapes: X [B, S, N, d] (N = hc_mult streams), y [B, S, d], M = (2+N)·N mixes.
   mixes  = (flat(X) @ fnᵀ) · rsqrt(mean(flat(X)²) + norm_eps)              [B, S, M]   (hc_mixes)
   pre_i  = sigmoid(mixes_i · scale₀ + base_i) + eps                          (i < N)
   post_i = 2 · sigmoid(mixes_{N+i} · scale₁ + base_{N+i})
-  comb   = Sinkhorn(mixes_{2N:}.reshape(N, N) · scale₂ + base_{2N:})         (row-major: logit (i, j) at 2N + i·N + j)
+  comb   = Sinkhorn(mixes_{2N:}.reshape(N, N) · scale₂ + base_{2N:})   (row-major: (i, j) at 2N + i·N + j)
   mhc_pre:  y = Σ_i pre_i X_i                                                -> (y, post, comb)
   mhc_post: Y_j = post_j · F(y) + Σ_i comb[i, j] X_i
 Sinkhorn(logits): comb = softmax over j + eps; columns /= (col sum + eps); then (iters − 1) rounds of
