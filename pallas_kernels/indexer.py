@@ -84,7 +84,8 @@ def entry(ni, lane, bn):
   return ni * bn + lane
 
 
-# index maps: forward / dq-dw grid (bi, ci, ni); dk grid (bi, ni, ci)
+# index maps: forward / dq-dw grid (bi, ci, ni); dk grid (bi, ni, ci). The two sets name the same blocks
+# on purpose, one per grid in that grid's argument order, so each contract is proved against its own maps.
 def q_index_map(bi, ci, ni):
   return head_query_block(bi, ci)
 
