@@ -1,7 +1,13 @@
-"""`dsv4 <command>`: the command-line entry point (absl flags)."""
+"""`dsv4 <command>`: the command-line entry point (absl flags).
+
+Expected errors (a bad flag or config, a missing file, a malformed checkpoint) print one line
+`dsv4 <command>: error: <message>` and exit 2 (usage) or 1 (runtime); `--debug` anywhere on the command
+line, or DSV4_DEBUG=1, shows their traceback instead. See `exit_code`.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {}
@@ -19,13 +25,14 @@ def info(argv):
   """dsv4 info --config CONFIG: layer kinds and parameter counts of a config."""
   from absl import flags
   from dsv4_jax.config import ModelConfig
-  from dsv4_jax.convert import expected_tensors
-  import numpy as np
 
   flags.DEFINE_string("config", None, "YAML config or hub config.json", required=True)
   flags.FLAGS(argv)
   path = flags.FLAGS.config
   cfg = ModelConfig.from_hf_config(path) if path.endswith(".json") else ModelConfig.from_yaml(path)
+  import numpy as np
+  from dsv4_jax.convert import expected_tensors  # imports JAX: only once the config is known to be good
+
   kinds = {0: "window", 4: "CSA", 128: "HCA"}
   layers = [kinds.get(r, f"ratio {r}") for r in cfg.compress_ratios]
   total = sum(int(np.prod(shape)) for shape, _ in expected_tensors(cfg).values())
@@ -35,16 +42,28 @@ def info(argv):
 
 @command("train")
 def train(argv):
-  """dsv4 train --config CONFIG [--set key=value ...] [--resume]: train (see configs/tiny.yaml)."""
+  """dsv4 train --config CONFIG [--set key=value ...] [--resume[=auto] | --overwrite]: train (see configs/tiny.yaml)."""
   from absl import flags
   flags.DEFINE_string("config", "configs/tiny.yaml", "training YAML (model, data, optimizer, curriculum, train)")
   flags.DEFINE_multi_string("set", [], "override, e.g. --set optimizer.learning_rate=1e-3 --set curriculum.0.steps=50")
-  flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in the run directory")
+  flags.DEFINE_enum("resume", "false", ["true", "false", "auto"],
+                    "continue the run in train.run_dir from its newest checkpoint that restores: bare --resume "
+                    "(= true) requires a checkpoint; --resume=auto resumes if there is one and starts a new "
+                    "run otherwise; false (--noresume): a new run, refused if the directory holds a run",
+                    case_sensitive=False)
+  flags.DEFINE_bool("overwrite", False, "start a new run in a directory that holds one: first delete that run's "
+                    "checkpoints, metrics.jsonl, tb/ and config.json")
   flags.DEFINE_integer("max_steps", None, "stop after this many steps (the schedule still spans the full run)")
   flags.DEFINE_bool("progress", True, "show a progress bar")
-  flags.FLAGS(argv)
+  resume_args = []   # bare --resume / --noresume (a boolean flag before) -> --resume=true / false
+  for arg in argv:
+    if resume_args and resume_args[-1] == "--resume=true" and arg.lower() in ("true", "false", "auto"):
+      resume_args[-1] = f"--resume={arg}"   # `--resume auto`
+    else:
+      resume_args.append({"--resume": "--resume=true", "-resume": "--resume=true", "--noresume": "--resume=false",
+                          "-noresume": "--resume=false"}.get(arg, arg))
+  flags.FLAGS(resume_args)
   from dsv4_jax.config import TrainConfig
-  from dsv4_jax.train.loop import train as run_training
 
   overrides = {}
   for item in flags.FLAGS.set:
@@ -53,15 +72,20 @@ def train(argv):
     key, value = item.split("=", 1)
     overrides[key] = value
   cfg = TrainConfig.from_yaml(flags.FLAGS.config, overrides)
-  run_training(cfg, resume=flags.FLAGS.resume, max_steps=flags.FLAGS.max_steps, progress=flags.FLAGS.progress)
+  from dsv4_jax.train.loop import train as run_training  # imports JAX: only once the config is known to be good
+
+  run_training(cfg, resume={"true": True, "false": False, "auto": "auto"}[flags.FLAGS.resume],
+               overwrite=flags.FLAGS.overwrite, max_steps=flags.FLAGS.max_steps, progress=flags.FLAGS.progress)
 
 
 @command("plot")
 def plot(argv):
   """dsv4 plot RUN_DIR: write loss/throughput curves of a run as PNG."""
+  if len(argv) != 2 or argv[1] in ("-h", "--help"):
+    raise SystemExit("expected one argument (usage: dsv4 plot RUN_DIR)")
+  if not os.path.isdir(argv[1]):
+    raise FileNotFoundError(f"{argv[1]}: no such run directory")
   from dsv4_jax.train.metrics import plot_run
-  if len(argv) != 2:
-    raise SystemExit("usage: dsv4 plot RUN_DIR")
   print(plot_run(argv[1]))
 
 
@@ -129,7 +153,7 @@ def cache_size(argv):
   """dsv4 cache-size --config flash|pro|PATH --context N [--storage bf16|mixed]: KV cache bytes vs baselines."""
   from absl import flags
   flags.DEFINE_string("config", "flash", "flash, pro, a YAML config or a hub config.json")
-  flags.DEFINE_integer("context", 1 << 20, "context length in tokens")
+  flags.DEFINE_integer("context", 1 << 20, "context length in tokens (positive)", lower_bound=1)
   flags.DEFINE_enum("storage", "mixed", ["bf16", "mixed", "float32"],
                     "cache storage: bf16, or mixed (FP8 non-RoPE dims + BF16 RoPE dims, as released)")
   flags.FLAGS(argv)
@@ -140,14 +164,115 @@ def cache_size(argv):
   print(format_report(cfg, report(cfg, fl.context, fl.storage), fl.config))
 
 
+# Expected errors: (module, class name, exit status); 2 = usage (flags, --set, config files and values),
+# 1 = runtime (missing files, checkpoints, data). Classes are looked up in sys.modules when an error is
+# handled: an exception of a class whose module was never imported cannot occur, and `dsv4 --help` stays fast.
+EXPECTED_ERRORS = (
+    ("dsv4_jax.config.errors", "ConfigError", 2),
+    ("absl.flags", "Error", 2),
+    ("yaml", "YAMLError", 2),
+    ("builtins", "FileNotFoundError", 1),
+    ("builtins", "IsADirectoryError", 1),
+    ("builtins", "NotADirectoryError", 1),
+    ("builtins", "PermissionError", 1),
+    ("dsv4_jax.convert.errors", "CheckpointError", 1),
+    ("dsv4_jax.convert.checkpoint", "CheckpointError", 1),
+    ("dsv4_jax.convert.safetensors_reader", "SafetensorsError", 1),
+    ("dsv4_jax.train.checkpoint", "CheckpointRestoreError", 1),
+)
+
+
+def exit_code(exc: BaseException) -> int | None:
+  """The exit status of an expected error, or None for one whose traceback should show."""
+  if isinstance(exc, SystemExit):  # raised with a message by a command: a usage error
+    return 2 if isinstance(exc.code, str) else None
+  if isinstance(exc, KeyboardInterrupt):
+    return 130
+  for module, name, code in EXPECTED_ERRORS:
+    cls = getattr(sys.modules.get(module), name, None)
+    if isinstance(cls, type) and isinstance(exc, cls):
+      return code
+  return None
+
+
+def error_message(exc: BaseException) -> str:
+  """One line: `path: reason` for OS errors, the message otherwise."""
+  if isinstance(exc, SystemExit):
+    text = str(exc.code)
+  elif isinstance(exc, KeyboardInterrupt):
+    text = "interrupted"
+  elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+    text = f"{exc.filename}: {exc.strerror}"
+  else:
+    text = str(exc) or type(exc).__name__
+    yaml_error = getattr(sys.modules.get("yaml"), "YAMLError", None)
+    if isinstance(yaml_error, type) and isinstance(exc, yaml_error):
+      text = f"invalid YAML: {text}"
+  return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def version() -> str:
+  """The installed distribution's version, else setup.py's (a source checkout)."""
+  from importlib import metadata
+  try:
+    return metadata.version("dsv4_jax")
+  except metadata.PackageNotFoundError:
+    import re
+    try:
+      with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")) as f:
+        found = re.search(r"""version\s*=\s*["']([^"']+)["']""", f.read())
+    except OSError:
+      found = None
+    return found.group(1) if found else "unknown"
+
+
+def usage(file) -> None:
+  print("usage: dsv4 [--version] [--debug] <command> [flags]\ncommands:", file=file)
+  for name, fn in COMMANDS.items():
+    print(f"  {name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}", file=file)
+
+
+def command_help(name: str, defined_before: set[str]) -> None:
+  """`dsv4 <command> --help`: the command's doc line and the flags it defined."""
+  from absl import flags
+  print((COMMANDS[name].__doc__ or "").strip())
+  new = [flags.FLAGS[f] for f in sorted(set(flags.FLAGS) - defined_before)]
+  if new:
+    print("flags:")
+  for fl in new:
+    default = f" (default: {fl.default_as_str})" if fl.default is not None else ""
+    print(f"  --{fl.name}: {fl.help}{default}")
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
+  debug = "--debug" in argv[1:] or os.environ.get("DSV4_DEBUG", "").lower() in ("1", "true", "yes")
+  argv = argv[:1] + [a for a in argv[1:] if a != "--debug"]
+  if len(argv) >= 2 and argv[1] == "--version":
+    print(f"dsv4 {version()}")
+    return 0
+  if len(argv) >= 2 and argv[1] in ("-h", "--help", "help"):
+    usage(sys.stdout)
+    return 0
   if len(argv) < 2 or argv[1] not in COMMANDS:
-    print("usage: dsv4 <command> [flags]\ncommands:")
-    for name, fn in COMMANDS.items():
-      print(f"  {name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    if len(argv) >= 2:
+      print(f"dsv4: error: unknown command {argv[1]!r}", file=sys.stderr)
+    usage(sys.stderr if len(argv) >= 2 else sys.stdout)
     return 2
-  return COMMANDS[argv[1]]([f"dsv4 {argv[1]}"] + argv[2:]) or 0
+  name = argv[1]
+  from absl import flags
+  defined_before = set(flags.FLAGS)
+  try:
+    return COMMANDS[name]([f"dsv4 {name}"] + argv[2:]) or 0
+  except BaseException as exc:  # noqa: B036 -- SystemExit and KeyboardInterrupt included, see exit_code
+    if isinstance(exc, flags.UnrecognizedFlagError) and exc.flagname in ("help", "h", "helpshort", "helpfull"):
+      command_help(name, defined_before)
+      return 0
+    code = exit_code(exc)
+    if code is None or debug:
+      raise
+    print(f"dsv4 {name}: error: {error_message(exc)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

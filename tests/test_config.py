@@ -120,3 +120,86 @@ def test_from_mapping_names_section_unknown_and_known_keys():
   known = sorted(f for f in CurriculumStage.__dataclass_fields__)
   assert str(error.value) == f"unknown curriculum[3] keys ['a', 'x']; known keys: {known}"
   assert from_mapping(DataConfig, None, "data") == DataConfig()
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("optimizer.learning_rate", "1e-3", 1e-3),         # YAML 1.1 would give the string '1e-3'
+    ("optimizer.learning_rate", "2", 2.0),
+    ("optimizer.grad_clip_norm", "null", None),
+    ("optimizer.grad_clip_norm", "None", None),
+    ("optimizer.decay_steps", "10", 10),
+    ("optimizer.ns_fast_coeffs", "[1, 2, 3]", (1.0, 2.0, 3.0)),
+    ("optimizer.ns_fast_coeffs", "1,2,3", (1.0, 2.0, 3.0)),
+    ("curriculum.0.steps", "1e2", 100),
+    ("curriculum.0.train_indexer", "yes", True),
+    ("data.shuffle", "false", False),
+    ("data.shuffle", "0", False),
+    ("data.paths", "a.txt,b.txt", ("a.txt", "b.txt")),
+    ("model.compress_ratios", "[0,4,128,4,0]", (0, 4, 128, 4, 0)),
+    ("train.run_dir", "runs/123", "runs/123"),
+    ("train.log_every", "5", 5),
+])
+def test_set_overrides_are_typed(key, text, expected):
+  cfg = TrainConfig.from_yaml("configs/tiny.yaml", {key: text})
+  section, *rest = key.split(".")
+  node = cfg if section == "train" else getattr(cfg, section)
+  if section == "curriculum":
+    node, rest = node[int(rest[0])], rest[1:]
+  value = getattr(node, rest[0])
+  assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("optimizer.learning_rate", "abc", r"^--set optimizer\.learning_rate=abc: expected a float, got 'abc'$"),
+    ("optimizer.warmup_steps", "2.5", r"expected an integer, got '2\.5'"),
+    ("optimizer.warmup_steps", "null", r"expected an integer, got 'null'"),
+    ("data.shuffle", "maybe", r"expected a boolean \(true/false\), got 'maybe'"),
+    ("optimizer.ns_fast_coeffs", "1,2", r"expected a list of 3 floats, got '1,2'"),
+    ("model.compress_ratios", "[0, x]", r"expected a list of integers"),
+    ("optimizer.lr", "1", r"^--set optimizer\.lr=1: unknown optimizer keys \['lr'\]; known keys: \[.*'learning_rate'"),
+    ("optimizer.total_steps", "5", r"optimizer: keys \['total_steps'\] may not be set here"),
+    ("curriculum.9.steps", "5", r"index 9 is out of range: the curriculum has 3 stages \(0\.\.2\)"),
+    ("curriculum.first.steps", "5", r"expected curriculum\.INDEX\.KEY"),
+    ("mesh.data", "2", r"unknown config section 'mesh'"),
+    ("optimizer", "1", r"expected optimizer\.KEY"),
+])
+def test_set_override_errors(key, text, message):
+  with pytest.raises(ConfigError, match=message):
+    TrainConfig.from_yaml("configs/tiny.yaml", {key: text})
+
+
+def test_non_text_override_is_checked():
+  assert TrainConfig.from_yaml("configs/tiny.yaml", {"curriculum.0.steps": 7}).curriculum[0].steps == 7
+  with pytest.raises(ConfigError, match=r"--set curriculum\.0\.steps: expected an integer or null, got 2\.5"):
+    TrainConfig.from_yaml("configs/tiny.yaml", {"curriculum.0.steps": 2.5})
+
+
+@pytest.mark.parametrize("section, change, message", [
+    ("optimizer", {"learning_rate": "abc"}, r"^optimizer\.learning_rate: expected a float, got 'abc'$"),
+    ("optimizer", {"warmup_steps": True}, r"optimizer\.warmup_steps: expected an integer, got True"),
+    ("data", {"shuffle": "maybe"}, r"data\.shuffle: expected a boolean \(true/false\), got 'maybe'"),
+    ("data", {"source": 3}, r"data\.source: expected a string, got 3"),
+    ("train", {"log_every": [1]}, r"train\.log_every: expected an integer, got \[1\]"),
+    ("model", {"compress_ratios": [0, "four", 128, 4, 0]}, r"model\.compress_ratios: expected a list of integers"),
+    ("curriculum", [{"seq_len": "long", "steps": 1}], r"curriculum\[0\]\.seq_len: expected an integer, got 'long'"),
+])
+def test_yaml_values_of_the_wrong_type(section, change, message):
+  raw = _tiny_run()
+  raw[section] = {**raw[section], **change} if isinstance(change, dict) else change
+  with pytest.raises(ConfigError, match=message):
+    TrainConfig.from_dict(raw)
+
+
+def test_yaml_values_are_converted_to_the_field_type(tmp_path):
+  """YAML 1.1 reads `1e-3` as a string and `2` as an int: float fields get floats either way."""
+  raw = _tiny_run()
+  raw["optimizer"].update(learning_rate="1e-3", weight_decay=0)
+  cfg = TrainConfig.from_dict(raw)
+  assert cfg.optimizer.learning_rate == 1e-3 and type(cfg.optimizer.weight_decay) is float
+
+
+def test_train_yaml_that_is_not_a_mapping(tmp_path):
+  path = tmp_path / "list.yaml"
+  path.write_text("- model\n- data\n")
+  with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of config sections .* got list"):
+    TrainConfig.from_yaml(path, {"optimizer.learning_rate": "1e-3"})

@@ -145,16 +145,53 @@ class ModelConfig:
     """Builds a config from a released hub `config.json` (a path to the file or its directory, or a dict).
 
     Hub metadata keys (architectures, torch_dtype, quantization_config, topk_method, ...) are accepted
-    and ignored; `overrides` set our implementation fields (dtype, kernels, qat, ...).
+    and ignored; `overrides` set our implementation fields (dtype, kernels, qat, ...). Raises
+    ConfigError naming the file for an unreadable or non-JSON file, for missing architecture keys
+    (all of them at once; an override counts as given) and for ones of the wrong type.
     """
+    # Keys with no safe default: each sets tensor shapes or which tensors exist, or (routed_scaling_factor)
+    # differs between the released models. The released config.json has all of them.
+    required = {
+        "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+        "head_dim": int, "q_lora_rank": int, "o_lora_rank": int, "o_groups": int, "qk_rope_head_dim": int,
+        "index_n_heads": int, "index_head_dim": int, "index_topk": int, "n_routed_experts": int,
+        "num_experts_per_tok": int, "moe_intermediate_size": int, "num_hash_layers": int,
+        "routed_scaling_factor": float, "sliding_window": int, "compress_ratios": list, "hc_mult": int,
+        "num_nextn_predict_layers": int,
+    }
     if isinstance(path_or_dict, Mapping):
-      hf = dict(path_or_dict)
+      hf, source = dict(path_or_dict), "config.json"
     else:
-      path = os.fspath(path_or_dict)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      with open(path) as f:
-        hf = json.load(f)
+      source = os.fspath(path_or_dict)
+      if os.path.isdir(source):
+        source = os.path.join(source, "config.json")
+      try:
+        with open(source, encoding="utf-8") as f:
+          hf = json.load(f)
+      except OSError as e:
+        raise ConfigError(f"{source}: cannot read the hub config ({e.strerror or e})") from None
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{source}: not valid JSON ({e})") from None
+      if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(hf).__name__}")
+    missing = [key for key in required if key not in hf and key not in overrides]
+    if missing:
+      note = "; compress_ratios has one entry per layer, then one per MTP layer" if "compress_ratios" in missing else ""
+      raise ConfigError(f"{source}: missing {', '.join(repr(k) for k in missing)} "
+                        f"(architecture keys with no safe default{note})")
+
+    def is_int(x):
+      return isinstance(x, int) and not isinstance(x, bool)
+
+    for key, kind in required.items():
+      if key in overrides:
+        continue
+      value = hf[key]
+      ok = {int: is_int(value), float: is_int(value) or isinstance(value, float),
+            list: isinstance(value, (list, tuple)) and all(is_int(r) for r in value)}[kind]
+      if not ok:
+        what = {int: "an integer", float: "a number", list: "a list of integers"}[kind]
+        raise ConfigError(f"{source}: {key}: expected {what}, got {value!r}")
     values: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in hf.items():
@@ -169,8 +206,6 @@ class ModelConfig:
       values["yarn_beta_slow"] = scaling.get("beta_slow", cls.yarn_beta_slow)
     else:
       values["yarn_original_max_position"] = 0  # no YaRN
-    if "compress_ratios" not in values:
-      raise ConfigError("config.json: missing 'compress_ratios' (one per layer, then one per MTP layer)")
     values.update(overrides)
     return from_mapping(cls, values, "model")
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import yaml
 
 from dsv4_jax.config.data import DataConfig
-from dsv4_jax.config.errors import ConfigError, from_mapping
+from dsv4_jax.config.errors import ConfigError, check_keys, check_value, field_types, from_mapping, parse_text
 from dsv4_jax.config.model import ModelConfig
 from dsv4_jax.config.optimizer import OptimizerConfig
 
@@ -121,26 +121,66 @@ class TrainConfig:
     return dataclasses.replace(cfg, optimizer=optimizer)
 
   @classmethod
-  def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, str] | None = None) -> "TrainConfig":
+  def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
     """Loads a YAML file; `overrides` maps dotted keys ("optimizer.learning_rate", "curriculum.0.steps",
-    "train.log_every") to YAML-parsed values."""
+    "train.log_every") to `--set` texts, parsed against the type of the field they name ("1e-3" is a
+    float for a float field), or to values of that type."""
     with open(path) as f:
-      raw = yaml.safe_load(f) or {}
+      raw = yaml.safe_load(f)
+    if raw is None:
+      raw = {}
+    if not isinstance(raw, dict):
+      raise ConfigError(f"{path}: expected a mapping of config sections (model, data, optimizer, curriculum, "
+                        f"train), got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
-      _set_dotted(raw, key, yaml.safe_load(value) if isinstance(value, str) else value)
+      _set_dotted(raw, key, value)
     return cls.from_dict(raw)
 
 
-def _set_dotted(tree: dict, key: str, value) -> None:
+def _sections() -> dict[str, tuple[type, tuple[str, ...]]]:
+  """Override section -> (its dataclass, the fields it may not set: they come from elsewhere)."""
+  return {"model": (ModelConfig, ()), "data": (DataConfig, ()), "optimizer": (OptimizerConfig, ("total_steps",)),
+          "train": (TrainConfig, ("model", "data", "optimizer", "curriculum"))}
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+  """Sets the override `key` ("section.field" or "curriculum.INDEX.field") in the raw YAML `tree`.
+
+  A text `value` is parsed against the declared type of the field (`parse_text`), anything else is
+  checked against it (`check_value`). An unknown section or key, an index out of range or a value of the
+  wrong type is a ConfigError that starts with "--set key=value".
+  """
+  label = f"--set {key}={value}" if isinstance(value, str) else f"--set {key}"
   parts = key.split(".")
-  node = tree
-  for i, part in enumerate(parts[:-1]):
-    nxt = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    if not isinstance(nxt, (dict, list)):
-      raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-    node = nxt
-  last = parts[-1]
-  if isinstance(node, list):
-    node[int(last)] = value
+  sections = _sections()
+  section = parts[0]
+  if section == "curriculum":
+    if len(parts) != 3 or not parts[1].isdigit():
+      raise ConfigError(f"{label}: expected curriculum.INDEX.KEY, e.g. curriculum.0.steps")
+    stages = tree.get("curriculum")
+    if not isinstance(stages, list):
+      raise ConfigError(f"{label}: the config file has no curriculum list")
+    index = int(parts[1])
+    if index >= len(stages):
+      raise ConfigError(f"{label}: index {index} is out of range: the curriculum has {len(stages)} "
+                        f"stage{'s' if len(stages) != 1 else ''} (0..{len(stages) - 1})")
+    node, cls, fixed, where = stages[index], CurriculumStage, (), f"curriculum[{index}]"
+    if not isinstance(node, dict):
+      raise ConfigError(f"{label}: {where}: expected a mapping of config keys, got {type(node).__name__}")
+  elif section in sections:
+    if len(parts) != 2:
+      raise ConfigError(f"{label}: expected {section}.KEY")
+    cls, fixed = sections[section]
+    where = section
+    if tree.get(section) is None:
+      tree[section] = {}
+    node = tree[section]
+    if not isinstance(node, dict):
+      raise ConfigError(f"{label}: {section}: expected a mapping of config keys, got {type(node).__name__}")
   else:
-    node[last] = value
+    raise ConfigError(f"{label}: unknown config section {section!r}; expected one of "
+                      f"{sorted([*sections, 'curriculum'])}")
+  field = parts[-1]
+  check_keys(cls, [field], where, fixed, context=label)
+  tp = field_types(cls)[field]
+  node[field] = parse_text(value, tp, label) if isinstance(value, str) else check_value(value, tp, label)

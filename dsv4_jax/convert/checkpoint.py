@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.convert.errors import CheckpointError
 from dsv4_jax.convert.names import path_to_name, to_released
 from dsv4_jax.convert.quant import (WEIGHT_FP4_BLOCK, WEIGHT_FP8_TILE, StoredTensor, fp4_scale_shape,
                                     fp8_scale_shape)
@@ -32,10 +33,6 @@ from dsv4_jax.parallel.mesh import logical_to_spec
 INDEX_FILE = "model.safetensors.index.json"
 # The MTP block shares the main embedding and head; some exports repeat them under mtp.N.
 _SHARED_ALIASES = re.compile(r"^mtp\.\d+\.(embed\.weight|head\.weight|emb\..*)$")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing tensors, has unexpected ones, or has tensors of the wrong shape."""
 
 
 def _model_variables(model_or_state) -> dict[str, nnx.Variable]:
@@ -101,18 +98,66 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, *, dtype: str |
     json.dump(cfg.to_hf_config(), f, indent=2)
 
 
-def _weight_map(path: str) -> dict[str, str]:
-  index = os.path.join(path, INDEX_FILE)
-  if os.path.exists(index):
+def _some(names: list[str], limit: int = 3) -> str:
+  shown = ", ".join(names[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read_index(index: str) -> dict[str, str]:
+  """The index's weight_map (tensor name -> shard file name), checked for shape."""
+  try:
     with open(index) as f:
-      return json.load(f)["weight_map"]
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-  if not files:
-    raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
-  weight_map = {}
-  for file in files:
-    weight_map.update({name: file for name in SafetensorsFile(os.path.join(path, file)).keys()})
+      data = json.load(f)
+  except ValueError as e:
+    raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+  weight_map = data.get("weight_map") if isinstance(data, dict) else None
+  if not isinstance(weight_map, dict):
+    raise CheckpointError(f"{index}: expected an object with a \"weight_map\" object (tensor name -> shard file)")
+  bad = sorted(name for name, file in weight_map.items() if not isinstance(file, str) or not file)
+  if bad:
+    raise CheckpointError(f"{index}: weight_map entries {_some(bad)} do not name a shard file")
   return weight_map
+
+
+def _open_shards(path: str) -> tuple[dict[str, str], dict[str, SafetensorsFile]]:
+  """(tensor name -> shard file, shard file -> opened shard), every shard's header validated.
+
+  With an index, every shard it names must exist and hold every tensor it assigns to it; without one,
+  the directory's `*.safetensors` files are the shards and no tensor may appear in two of them.
+  """
+  index = os.path.join(path, INDEX_FILE)
+  files: dict[str, SafetensorsFile] = {}
+  if not os.path.exists(index):
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not names:
+      raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
+    weight_map: dict[str, str] = {}
+    for file in names:
+      files[file] = SafetensorsFile(os.path.join(path, file))
+      for name in files[file].keys():
+        if name in weight_map:
+          raise CheckpointError(f"{path}: tensor {name} is in both {weight_map[name]} and {file} "
+                                f"(add a {INDEX_FILE} saying which to use)")
+        weight_map[name] = file
+    return weight_map, files
+
+  weight_map = _read_index(index)
+  by_file: dict[str, list[str]] = {}
+  for name, file in sorted(weight_map.items()):
+    by_file.setdefault(file, []).append(name)
+  problems = []
+  for file, names in sorted(by_file.items()):
+    if not os.path.isfile(os.path.join(path, file)):
+      problems.append(f"shard {file} does not exist (the index assigns it {len(names)} tensor(s): {_some(names)})")
+      continue
+    files[file] = SafetensorsFile(os.path.join(path, file))
+    absent = [name for name in names if name not in files[file]]
+    if absent:
+      problems.append(f"shard {file} does not contain tensor(s) {_some(absent)} "
+                      f"({len(absent)} of the {len(names)} the index assigns to it)")
+  if problems:
+    raise CheckpointError(f"{index}: the index does not match the shards:\n  " + "\n  ".join(problems))
+  return weight_map, files
 
 
 def _scale_names(weight: str) -> tuple[str, ...]:
@@ -171,21 +216,15 @@ def _stored_tensor(name: str, shape: tuple[int, ...], target_is_float: bool, fil
   return StoredTensor(name, file.get(name), fmt, shape, scale_file.get(scale_name))
 
 
-def _plan(expected: dict, weight_map: dict[str, str], path: str) -> dict[str, StoredTensor]:
-  """Opens every shard (memory-mapped) and describes how to read each expected tensor."""
-  files: dict[str, SafetensorsFile] = {}
-
-  def open_file(file: str) -> SafetensorsFile:
-    if file not in files:
-      files[file] = SafetensorsFile(os.path.join(path, file))
-    return files[file]
-
+def _plan(expected: dict, weight_map: dict[str, str], files: dict[str, SafetensorsFile],
+          path: str) -> dict[str, StoredTensor]:
+  """Describes how to read each expected tensor from the opened (memory-mapped) shards."""
   plan, problems = {}, []
   for name, (shape, dtype) in expected.items():
     scale_name = next((s for s in _scale_names(name) if s in weight_map), None)
-    scale_file = open_file(weight_map[scale_name]) if scale_name else None
+    scale_file = files[weight_map[scale_name]] if scale_name else None
     target_is_float = np.issubdtype(np.dtype(dtype), np.floating) or dtype == "bfloat16"
-    stored = _stored_tensor(name, shape, target_is_float, open_file(weight_map[name]), scale_file,
+    stored = _stored_tensor(name, shape, target_is_float, files[weight_map[name]], scale_file,
                             scale_name, problems)
     if stored is not None:
       plan[name] = stored
@@ -218,7 +257,12 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", qat: bool = F
   FP4 indexer quantisation. mesh: place every parameter straight onto its sharding from the logical
   axis rules; each device's slice is read from the memory-mapped shards on its own, so the host never
   holds the whole model. Other keyword arguments override config fields.
-  Raises CheckpointError naming every missing, unexpected or mis-shaped tensor or scale.
+
+  Raises ConfigError for a config.json that is unreadable, not JSON, or lacks an architecture key
+  (naming the file and the keys), and CheckpointError for everything else, naming the file and, where
+  there is one, the tensor: a malformed or truncated shard (SafetensorsError, a subclass), an index
+  naming a shard that does not exist or a tensor its shard lacks, and every missing, unexpected or
+  mis-shaped tensor or scale.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -227,9 +271,9 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", qat: bool = F
     raise CheckpointError(f"{path}: missing config.json")
   cfg = ModelConfig.from_hf_config(path, dtype=dtype, param_dtype=dtype, qat=qat, **config_overrides)
   expected = expected_tensors(cfg)
-  weight_map = _weight_map(path)
+  weight_map, files = _open_shards(path)
   _check_names(expected, weight_map, path)
-  plan = _plan(expected, weight_map, path)
+  plan = _plan(expected, weight_map, files, path)
 
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   flat = []

@@ -5,6 +5,10 @@ compilation per step kind (all compiled ahead on a background thread, compile_ah
 with loss / tokens/s / ETA, periodic validation (loss and bits per byte on a fixed random sample of
 held-out rows), asynchronous checkpoints. Ctrl-C stops cleanly with a final checkpoint; `resume=True`
 continues from the latest checkpoint exactly (same data, same optimizer state, same curriculum stage).
+
+A run directory holds one run: a fresh run refuses a directory that holds one (`overwrite=True`
+deletes it first), `resume=True` requires a checkpoint (`resume="auto"`: resume if there is one), a
+corrupt latest checkpoint is reported and the newest one that restores is used (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from dsv4_jax.layers.model import Transformer
 from dsv4_jax.optim import build_optimizer
 from dsv4_jax.optim.schedule import learning_rate_schedule
 from dsv4_jax.train import curriculum
-from dsv4_jax.train.checkpoint import TrainCheckpointer
+from dsv4_jax.train.checkpoint import RunDirectoryError, TrainCheckpointer, clear_run, prepare_run_directory
 from dsv4_jax.train.compile_ahead import CompileAhead, shapes_of
-from dsv4_jax.train.metrics import MetricsWriter
+from dsv4_jax.train.metrics import MetricsWriter, last_record
 from dsv4_jax.train.step import TrainState, make_eval_step, make_train_step, split_model
 
 
@@ -94,12 +98,23 @@ def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState,
   return compiler
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = True,
-          log=print) -> dict:
-  """Trains per `cfg`; returns a summary dict. `max_steps` stops early (for tests and smoke runs)."""
-  os.makedirs(cfg.run_dir, exist_ok=True)
-  with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+def _resume_mode(resume) -> bool | str:
+  if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
+    resume = {"true": True, "false": False, "auto": "auto"}[resume.lower()]
+  if resume not in (True, False, "auto"):
+    raise ValueError(f"resume: expected True, False or 'auto', got {resume!r}")
+  return resume
+
+
+def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = False, max_steps: int | None = None,
+          progress: bool = True, log=print) -> dict:
+  """Trains per `cfg`; returns a summary dict. `max_steps` stops early (for tests and smoke runs).
+
+  resume: False starts a new run (refused, RunDirectoryError, if `cfg.run_dir` holds a run, unless
+  `overwrite` deletes that run first); True continues from the newest checkpoint that restores
+  (RunDirectoryError if there is none); "auto" continues if there is a checkpoint, else starts.
+  """
+  restore = prepare_run_directory(cfg.run_dir, resume=_resume_mode(resume), overwrite=overwrite, log=log)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds model.vocab_size {cfg.model.vocab_size}")
@@ -109,22 +124,50 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
   decay_start = cfg.optimizer.decay_start_step
   step_fn = make_train_step(graphdef, tx, cfg, decay_start)
   eval_fn = make_eval_step(graphdef)
+  if overwrite:   # only now: a config that fails above leaves the old run in place
+    clear_run(cfg.run_dir, log)
+  os.makedirs(cfg.run_dir, exist_ok=True)
   ckpt = TrainCheckpointer(os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                            save_every=cfg.checkpoint_every)
-  metrics = MetricsWriter(cfg.run_dir)
   fingerprint = config_fingerprint(cfg)
 
-  data_state = None
-  if resume and ckpt.latest_step() is not None:
-    restored, data_state, meta = ckpt.restore(ckpt.latest_step(), state)
+  def same_config(meta: dict) -> None:
     if meta.get("fingerprint") != fingerprint:
-      raise ValueError(f"--resume: the checkpoint in {cfg.run_dir} was written with a different config "
-                       f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); use a new run_dir")
-    state = restored
-    log(f"resumed from step {int(state.step)} (stage {meta['stage']})")
+      raise RunDirectoryError(f"--resume: the checkpoints in {cfg.run_dir} were written with a different "
+                              f"config (fingerprint {meta.get('fingerprint')} != {fingerprint}); resume with "
+                              f"that config, or start over (--overwrite or another train.run_dir)")
+
+  data_state, resumed_at = None, None
+  if restore:
+    try:
+      found = ckpt.restore_latest(state, check=same_config, log=log)
+      if found is None:
+        raise RunDirectoryError(f"--resume: Orbax lists no checkpoint in {ckpt.directory}")
+    except BaseException:
+      ckpt.close()
+      raise
+    resumed_at, state, data_state, meta = found
+    log(f"resumed from step {resumed_at} (stage {meta['stage']})")
 
   total = cfg.optimizer.total_steps if max_steps is None else min(max_steps, cfg.optimizer.total_steps)
   step = int(state.step)
+  if resumed_at is not None and step >= total:
+    ckpt.close()
+    last = last_record(cfg.run_dir)
+    if step >= cfg.optimizer.total_steps:
+      log(f"run already complete at step {step}; nothing to do")
+    else:
+      log(f"run already at step {step} (--max_steps {max_steps}); nothing to do")
+    return {"steps": step, "interrupted": False, "already_complete": True, "seconds": 0.0,
+            "tokens_per_second": 0.0, "final_loss": last["loss"] if last else math.nan, "history": [],
+            "eval": None}
+
+  with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+  metrics = MetricsWriter(cfg.run_dir, resumed_at=resumed_at)
+  if metrics.dropped:
+    log(f"metrics.jsonl: dropped {metrics.dropped} record(s) after step {resumed_at} (written after that "
+        f"checkpoint; the resumed run writes them again)")
   compiled = _compile_ahead(cfg, plans, step_fn, eval_fn, state, step, total)
   history, last_eval, interrupted = [], None, False
   start_time, tokens_done = time.time(), 0
@@ -194,6 +237,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     validation = (f", validation {last_eval['bits_per_byte']:.4f} bits/byte = "
                   f"{100 * last_eval['bits_per_byte'] / entropy:.1f}% of the validation split's unigram "
                   f"byte entropy ({entropy:.4f} bits/byte)")
-  log(f"done: {step} steps in {elapsed:.0f}s, {summary['tokens_per_second']:.0f} tokens/s, "
-      f"train loss {summary['final_loss']:.4f}{validation}")
+  loss = f", train loss {summary['final_loss']:.4f}" if history else ""
+  log(f"done: {step} steps in {elapsed:.0f}s, {summary['tokens_per_second']:.0f} tokens/s{loss}{validation}")
   return summary

@@ -7,15 +7,23 @@ import os
 
 
 class MetricsWriter:
-  """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard event files in `<run_dir>/tb`."""
+  """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard event files in `<run_dir>/tb`.
 
-  def __init__(self, run_dir: str, tensorboard: bool = True):
+  `resumed_at`: the step a resumed run continues from. Records of later steps (written after that
+  checkpoint by the interrupted run, and about to be written again) are dropped from metrics.jsonl,
+  as is an incomplete last line, and TensorBoard purges them (`purge_step`); `self.dropped` counts them.
+  """
+
+  def __init__(self, run_dir: str, tensorboard: bool = True, *, resumed_at: int | None = None):
     os.makedirs(run_dir, exist_ok=True)
-    self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    self.dropped = _drop_after(path, resumed_at) if resumed_at is not None else 0
+    self.file = open(path, "a")
     self.tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+      self.tb = SummaryWriter(os.path.join(run_dir, "tb"),
+                              purge_step=None if resumed_at is None else resumed_at + 1)
 
   def write(self, step: int, kind: str, values: dict) -> None:
     record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in values.items()}}
@@ -29,6 +37,35 @@ class MetricsWriter:
     self.file.close()
     if self.tb is not None:
       self.tb.close()
+
+
+def _drop_after(path: str, step: int) -> int:
+  """Rewrites the JSONL file `path` without records after `step` (and unparsable lines); -> lines dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass
+  if len(kept) < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(kept)
+
+
+def last_record(run_dir: str, kind: str = "train") -> dict | None:
+  """The last record of `kind` in `<run_dir>/metrics.jsonl`, or None."""
+  try:
+    records = read_metrics(run_dir)
+  except (FileNotFoundError, ValueError):
+    return None
+  return next((r for r in reversed(records) if r.get("kind") == kind), None)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
