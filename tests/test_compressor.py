@@ -1,4 +1,4 @@
-"""The KV compressor against a per-block NumPy loop transcribing SPEC §4.
+"""The KV compressor against a per-block NumPy loop transcribing its equations (layers/compressor.py).
 
   kv = x Wkvᵀ, score = x Wgateᵀ + ape[t mod r]            (fp32; width coff·c, coff = 2 iff r = 4)
   plain:   entry_i = Σ_{k<r} softmax_k(score[i·r+k]) ⊙ kv[i·r+k]

@@ -1,4 +1,5 @@
-"""mHC against a direct float64 NumPy transcription of SPEC §3, and Sinkhorn's doubly-stochastic property.
+"""mHC against a direct float64 NumPy transcription of its equations (ops/mhc.py docstring), and
+Sinkhorn's doubly-stochastic property.
 
   mixes = (flat(X) @ fnᵀ) · rsqrt(mean(flat(X)²) + eps)
   pre_i = sigmoid(mixes_i·scale₀ + base_i) + hc_eps;  post_i = 2·sigmoid(mixes_{n+i}·scale₁ + base_{n+i})

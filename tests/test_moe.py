@@ -1,4 +1,4 @@
-"""MoE routing and experts against a dense NumPy loop over experts (SPEC §5).
+"""MoE routing and experts against a dense NumPy loop over experts (the MoE routing of the DeepSeek-V4 release).
 
   s = sqrt(softplus(x Wgᵀ));  ids = top-K(s + bias) or tid2eid[token];  w = s[ids] / Σ s[ids] · scale
   expert(x) = w2(silu(min(w1 x, L)) ⊙ clip(w3 x, −L, L));   y = Σ_k w_k expert_{ids_k}(x) + shared(x)

@@ -1,4 +1,5 @@
-"""Optimizer settings: one frozen dataclass with the fields of SPEC §6 (Muon + AdamW + LR schedule).
+"""Optimizer settings: one frozen dataclass with the fields of the DeepSeek-V4 report's training section
+(Muon + AdamW + LR schedule).
 
 Defaults are DeepSeek-V4's: Muon (momentum 0.95, hybrid Newton-Schulz 8×(3.4445, −4.7750, 2.0315) then
 2×(2, −1.5, 0.5), update RMS 0.18), AdamW (β 0.9/0.95, eps 1e-20), decoupled weight decay 0.1 for both,

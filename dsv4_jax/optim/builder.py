@@ -1,4 +1,4 @@
-"""The training optimizer: one Optax chain over all parameters (SPEC §6).
+"""The training optimizer: one Optax chain over all parameters (DeepSeek-V4 report, training).
 
   g ← g · min(1, c / ‖g‖₂)                   (global-norm clipping over all parameters)
   muon  leaves: u = −lr(t) · (Muon(g) + wd · W)           Muon = momentum, Newton-Schulz, RMS 0.18

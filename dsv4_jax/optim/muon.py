@@ -1,4 +1,5 @@
-"""Muon (SPEC §6) as Optax transformations: Nesterov momentum, hybrid Newton-Schulz, RMS-matched update.
+"""Muon (DeepSeek-V4 report, training) as Optax transformations: Nesterov momentum, hybrid Newton-Schulz,
+RMS-matched update.
 
 For every matrix G (gradient, shape [n, m] after moving the two matrix axes last; any other axes are
 batch axes, e.g. the expert axis of a routed-expert stack [E, out, in], so each expert is its own matrix):
@@ -11,9 +12,9 @@ batch axes, e.g. the expert axis of a routed-expert stack [E, out, in], so each 
   O = X_K · sqrt(max(n, m)) · 0.18    (an orthogonal n×m matrix has RMS 1/sqrt(max(n, m)))
 Weight decay and the learning rate are applied after this, by the builder (decoupled: −lr·(O + wd·W)).
 
-Relation to `optax.contrib.scale_by_muon` (optax 0.2.8), whose pieces were checked against SPEC §6:
+Relation to `optax.contrib.scale_by_muon` (optax 0.2.8), whose pieces were checked against the DeepSeek-V4 report:
   - its momentum is an EMA with bias correction, m ← βm + (1−β)g, Nesterov input
-    β·m/(1−β^{t+1}) + (1−β)·g/(1−β^t): the weight on M versus G differs from SPEC's μM + G by
+    β·m/(1−β^{t+1}) + (1−β)·g/(1−β^t): the weight on M versus G differs from the report's μM + G by
     (1−β^t)/(1−β^{t+1}) (0.51 at t = 1), so `optax.trace(decay=μ, nesterov=True)`, which is exactly
     M ← μM + G, N = μM + G, is used instead;
   - its per-step coefficient tables, batch axes (`MuonDimensionNumbers`) and consistent-RMS scaling do
@@ -122,7 +123,7 @@ def scale_by_muon(
     update_rms: float = 0.18,
     dimension_numbers: MuonDimensionNumbers = WEIGHT_DIMENSION_NUMBERS,
 ) -> optax.GradientTransformation:
-  """Muon direction of SPEC §6: Nesterov momentum (μM + G), then orthogonalised and RMS-matched.
+  """Muon direction of the DeepSeek-V4 report: Nesterov momentum (μM + G), then orthogonalised and RMS-matched.
 
   Learning rate and weight decay are not included (see `dsv4_jax.optim.builder`).
   """

@@ -1,4 +1,5 @@
-"""Which optimizer updates which parameter: the parameter's own `optimizer` metadata (SPEC §6).
+"""Which optimizer updates which parameter: the parameter's own `optimizer` metadata (DeepSeek-V4
+report, training).
 
 Every trainable parameter is an `nnx.Param` whose layer declared `optimizer=MUON` (matrices
 [..., out, in]; leading axes such as the expert axis are independent matrices) or `optimizer=ADAMW`
