@@ -7,7 +7,13 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["dsv4_jax", "dsv4_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    # The shipped configs live in the top-level configs/ and install as the data-only package
+    # dsv4_jax.configs (found with importlib.resources: dsv4_jax/config/shipped.py).
+    packages=find_packages(include=["dsv4_jax", "dsv4_jax.*", "pallas_kernels", "pallas_kernels.*"])
+    + ["dsv4_jax.configs"],
+    package_dir={"dsv4_jax.configs": "configs"},
+    package_data={"dsv4_jax.configs": ["*.yaml"]},
+    include_package_data=False,
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -25,10 +25,12 @@ def info(argv):
   """dsv4 info --config CONFIG: layer kinds and parameter counts of a config."""
   from absl import flags
   from dsv4_jax.config import ModelConfig
+  from dsv4_jax.config.shipped import resolve_config
 
-  flags.DEFINE_string("config", None, "YAML config or hub config.json", required=True)
+  flags.DEFINE_string("config", None, "tiny, flash, pro (shipped), a YAML config or a hub config.json",
+                      required=True)
   flags.FLAGS(argv)
-  path = flags.FLAGS.config
+  path = resolve_config(flags.FLAGS.config)
   cfg = ModelConfig.from_hf_config(path) if path.endswith(".json") else ModelConfig.from_yaml(path)
   import numpy as np
   from dsv4_jax.convert import expected_tensors  # imports JAX: only once the config is known to be good
@@ -44,7 +46,8 @@ def info(argv):
 def train(argv):
   """dsv4 train --config CONFIG [--set key=value ...] [--resume[=auto] | --overwrite]: train (see configs/tiny.yaml)."""
   from absl import flags
-  flags.DEFINE_string("config", "configs/tiny.yaml", "training YAML (model, data, optimizer, curriculum, train)")
+  flags.DEFINE_string("config", "tiny", "tiny, flash, pro (shipped) or a training YAML (model, data, optimizer, "
+                      "curriculum, train); an existing path wins over a shipped name")
   flags.DEFINE_multi_string("set", [], "override, e.g. --set optimizer.learning_rate=1e-3 --set curriculum.0.steps=50")
   flags.DEFINE_enum("resume", "false", ["true", "false", "auto"],
                     "continue the run in train.run_dir from its newest checkpoint that restores: bare --resume "
@@ -64,6 +67,7 @@ def train(argv):
                           "-noresume": "--resume=false"}.get(arg, arg))
   flags.FLAGS(resume_args)
   from dsv4_jax.config import TrainConfig
+  from dsv4_jax.config.shipped import resolve_config
 
   overrides = {}
   for item in flags.FLAGS.set:
@@ -71,7 +75,7 @@ def train(argv):
       raise SystemExit(f"--set {item!r}: expected key=value")
     key, value = item.split("=", 1)
     overrides[key] = value
-  cfg = TrainConfig.from_yaml(flags.FLAGS.config, overrides)
+  cfg = TrainConfig.from_yaml(resolve_config(flags.FLAGS.config), overrides)
   from dsv4_jax.train.loop import train as run_training  # imports JAX: only once the config is known to be good
 
   run_training(cfg, resume={"true": True, "false": False, "auto": "auto"}[flags.FLAGS.resume],
@@ -96,11 +100,32 @@ def verify_kernels(argv):
   return verify_main()
 
 
+@command("export")
+def export(argv):
+  """dsv4 export RUN_DIR OUT [--step N] [--overwrite]: write a training checkpoint in the released layout."""
+  from absl import flags
+  flags.DEFINE_integer("step", None, "the checkpoint's step (default: the latest that restores)")
+  flags.DEFINE_bool("overwrite", False, "replace the contents of OUT when it exists and is not empty")
+  rest = flags.FLAGS(argv)[1:]
+  if len(rest) != 2:
+    raise SystemExit(f"expected two arguments, got {len(rest)} (usage: dsv4 export RUN_DIR OUT [--step N])")
+  run_dir, out_dir = rest
+  from dsv4_jax.convert import save_checkpoint
+  from dsv4_jax.train.export import export_run
+
+  try:
+    step = export_run(run_dir, out_dir, flags.FLAGS.step, save=save_checkpoint, overwrite=flags.FLAGS.overwrite)
+  except FileExistsError as e:
+    raise SystemExit(str(e)) from None
+  print(f"exported step {step} of {run_dir} to {out_dir}")
+
+
 @command("generate")
 def generate(argv):
   """dsv4 generate --checkpoint DIR --prompt TEXT [--max_new_tokens --temperature --top_p --top_k --seed]: stream text."""
   from absl import flags
-  flags.DEFINE_string("checkpoint", None, "checkpoint directory (config.json + safetensors)", required=True)
+  flags.DEFINE_string("checkpoint", None, "checkpoint directory (config.json + safetensors), or a training run "
+                      "directory (its latest checkpoint)", required=True)
   flags.DEFINE_string("prompt", None, "prompt text", required=True)
   flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
   flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 = greedy")
@@ -117,10 +142,17 @@ def generate(argv):
   from dsv4_jax.data import ByteTokenizer, HFTokenizer
   from dsv4_jax.inference.sampling import stream
 
+  from dsv4_jax.train.export import is_run_dir, load_run_model
+
   fl = flags.FLAGS
-  model = load_model(fl.checkpoint, dtype=fl.dtype)
-  has_tokenizer = os.path.exists(os.path.join(fl.checkpoint, "tokenizer.json"))
-  tokenizer = HFTokenizer(fl.checkpoint) if has_tokenizer else ByteTokenizer()
+  if is_run_dir(fl.checkpoint):   # a training run directory: its latest checkpoint, in memory
+    model, step, run_cfg = load_run_model(fl.checkpoint, dtype=fl.dtype, log=lambda m: print(m, file=sys.stderr))
+    print(f"[training run {fl.checkpoint}: checkpoint step {step}]", file=sys.stderr)
+    tokenizer = ByteTokenizer() if run_cfg.data.tokenizer == "byte" else HFTokenizer(run_cfg.data.tokenizer)
+  else:
+    model = load_model(fl.checkpoint, dtype=fl.dtype)
+    has_tokenizer = os.path.exists(os.path.join(fl.checkpoint, "tokenizer.json"))
+    tokenizer = HFTokenizer(fl.checkpoint) if has_tokenizer else ByteTokenizer()
   prompt = [int(i) for i in tokenizer.encode(fl.prompt)]
   if not prompt:
     raise SystemExit("--prompt: the prompt encodes to no tokens")
@@ -152,7 +184,7 @@ def generate(argv):
 def cache_size(argv):
   """dsv4 cache-size --config flash|pro|PATH --context N [--storage bf16|mixed]: KV cache bytes vs baselines."""
   from absl import flags
-  flags.DEFINE_string("config", "flash", "flash, pro, a YAML config or a hub config.json")
+  flags.DEFINE_string("config", "flash", "flash, pro, tiny (shipped), a YAML config or a hub config.json")
   flags.DEFINE_integer("context", 1 << 20, "context length in tokens (positive)", lower_bound=1)
   flags.DEFINE_enum("storage", "mixed", ["bf16", "mixed", "float32"],
                     "cache storage: bf16, or mixed (FP8 non-RoPE dims + BF16 RoPE dims, as released)")

@@ -16,6 +16,7 @@ import os
 import jax
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.config.shipped import resolve_config
 from dsv4_jax.layers.cache import cache_bytes, init_cache, resolve_storage
 from dsv4_jax.ops.quantization import KV_FP8_BLOCK
 
@@ -24,14 +25,9 @@ V32_MLA_VALUES = 576  # 512 latent + 64 RoPE dims, BF16
 V32_INDEXER_BYTES = 128  # one FP8 key of 128 dims (its 4-byte scale ignored)
 GQA_HEADS, GQA_HEAD_DIM = 8, 128
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-
-
 def load_config(name_or_path: str) -> ModelConfig:
-  """`flash`, `pro`, a YAML file or a hub config.json."""
-  path = name_or_path
-  if name_or_path in ("flash", "pro"):
-    path = os.path.join(_CONFIGS, f"{name_or_path}.yaml")
+  """A shipped config (`flash`, `pro`, `tiny`), a YAML file or a hub config.json."""
+  path = resolve_config(name_or_path)
   if path.endswith(".json") or os.path.isdir(path):
     return ModelConfig.from_hf_config(path)
   if not os.path.exists(path):

@@ -1,0 +1,26 @@
+"""The configs shipped with the package: the top-level configs/*.yaml, installed as the data-only
+package `dsv4_jax.configs` (setup.py `package_dir`), so a bare `--config tiny|flash|pro` works from a
+wheel as well as from a checkout (editable install)."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+SHIPPED = ("tiny", "flash", "pro")
+
+
+def shipped_config(name: str) -> str:
+  """The path of the shipped config `name` (one of SHIPPED)."""
+  if name not in SHIPPED:
+    raise ValueError(f"{name!r} is not a shipped config ({', '.join(SHIPPED)})")
+  return str(resources.files("dsv4_jax.configs").joinpath(f"{name}.yaml"))
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> str:
+  """`--config` value -> a path: an existing path wins, then a shipped name; anything else unchanged
+  (so opening it reports the missing file)."""
+  path = os.fspath(name_or_path)
+  if os.path.exists(path) or path not in SHIPPED:
+    return path
+  return shipped_config(path)
