@@ -141,7 +141,6 @@ def generate(argv):
   from dsv4_jax.convert import load_model
   from dsv4_jax.data import ByteTokenizer, HFTokenizer
   from dsv4_jax.inference.sampling import stream
-
   from dsv4_jax.train.export import is_run_dir, load_run_model
 
   fl = flags.FLAGS
