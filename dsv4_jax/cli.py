@@ -78,7 +78,7 @@ def train(argv):
   cfg = TrainConfig.from_yaml(resolve_config(flags.FLAGS.config), overrides)
   from dsv4_jax.train.loop import train as run_training  # imports JAX: only once the config is known to be good
 
-  run_training(cfg, resume={"true": True, "false": False, "auto": "auto"}[flags.FLAGS.resume],
+  run_training(cfg, resume=flags.FLAGS.resume,
                overwrite=flags.FLAGS.overwrite, max_steps=flags.FLAGS.max_steps, progress=flags.FLAGS.progress)
 
 

@@ -197,13 +197,14 @@ class TrainCheckpointer:
       raise CheckpointRestoreError(f"checkpoint {path}: its data or meta item is not a JSON object")
     return unflatten_named(restored["state"], target), restored["data"], restored["meta"]
 
-  def restore_latest(self, target, *, check: Callable[[dict], None] | None = None,
+  def restore_latest(self, target, *, check: Callable[[dict], None] | None = None, set_aside: bool = True,
                      log=print) -> tuple[int, Any, dict, dict] | None:
     """(step, state, data_state, meta) of the newest checkpoint that restores; None if there is none.
 
     A checkpoint that cannot be read (truncated or missing files) is reported by name and the next
     older one is tried; once one restores (and `check(meta)` accepts it), the unusable newer ones are
-    moved to `<run_dir>/unusable_checkpoints/` so that the resumed run can save those steps again.
+    moved to `<run_dir>/unusable_checkpoints/` so that the resumed run can save those steps again
+    (`set_aside=False` only reads the directory: they are reported and skipped).
     CheckpointMismatchError (the model/optimizer changed) is raised at once; if no checkpoint
     restores, CheckpointRestoreError names each one tried and why.
     """
@@ -220,9 +221,11 @@ class TrainCheckpointer:
       if check is not None:
         check(meta)
       if failed:
-        log(f"[checkpoint] resuming from step {step}, the newest checkpoint that restores "
+        verb = "resuming from" if set_aside else "using"
+        log(f"[checkpoint] {verb} step {step}, the newest checkpoint that restores "
             f"(not from step(s) {[s for s, _ in failed]})")
-        self._set_aside([s for s, _ in failed], log)
+        if set_aside:
+          self._set_aside([s for s, _ in failed], log)
       return step, state, data_state, meta
     if failed:
       raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored (newest first):\n  "

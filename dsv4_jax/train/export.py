@@ -4,8 +4,8 @@
 `load_run_model` reads `<run_dir>/config.json` (the TrainConfig as `dataclasses.asdict` writes it),
 builds the initial train state of that config as the restore target and restores the parameters and
 the non-Param state (router biases, hash tables) of the newest checkpoint that restores, or of the
-given step. The run directory is only read: unlike `TrainCheckpointer.restore_latest`, an unreadable
-newer checkpoint is reported and skipped, never moved aside.
+given step. The run directory is only read (`restore_latest(set_aside=False)`): an unreadable newer
+checkpoint is reported and skipped, never moved aside.
 
 `export_run` writes that model in the released layout. This unit may not import `convert`, so the
 writer (`dsv4_jax.convert.save_checkpoint`) is passed in by the caller (cli.py).
@@ -84,7 +84,7 @@ def load_run_model(run_dir: str | os.PathLike, step: int | None = None, *, dtype
   """
   from flax import nnx
 
-  from dsv4_jax.train.checkpoint import CheckpointRestoreError, TrainCheckpointer
+  from dsv4_jax.train.checkpoint import TrainCheckpointer
   from dsv4_jax.train.loop import init_state
 
   run_dir = os.fspath(run_dir)
@@ -104,21 +104,10 @@ def load_run_model(run_dir: str | os.PathLike, step: int | None = None, *, dtype
     if step is not None:
       state, _, _ = ckpt.restore(step, target)
     else:
-      failed = []
-      for candidate in reversed(steps):
-        try:
-          state, _, _ = ckpt.restore(candidate, target)
-        except CheckpointRestoreError as e:
-          if type(e) is not CheckpointRestoreError:   # a mismatch (config changed): not damage
-            raise
-          failed.append(f"step {candidate}: {e}")
-          log(f"[export] checkpoint step {candidate} is unusable: {e}")
-          continue
-        step = candidate
-        break
-      else:
-        raise CheckpointRestoreError(f"no checkpoint in {ckpt_dir} can be restored (newest first):\n  "
-                                     + ";\n  ".join(failed))
+      found = ckpt.restore_latest(target, set_aside=False, log=log)
+      if found is None:
+        raise RunDirectoryError(f"{run_dir}: no finalized checkpoint under {ckpt_dir}")
+      step, state, _, _ = found
   finally:
     ckpt.close()
   model = nnx.merge(graphdef, state.params, state.extra)
