@@ -179,6 +179,66 @@ def generate(argv):
   print(f"[{len(generated)} tokens in {elapsed:.2f} s, compilation included]", file=sys.stderr)
 
 
+@command("eval")
+def evaluate(argv):
+  """dsv4 eval --checkpoint DIR [--data PATH ...] [--seq_len N]: bits/byte of a model on a held-out set."""
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "a training run directory (its latest checkpoint, or --step) or a "
+                      "checkpoint directory in the released layout", required=True)
+  flags.DEFINE_multi_string("data", [], "held-out files or directories, every document evaluated once (default "
+                            "for a training run: its validation split)")
+  flags.DEFINE_enum("source", "auto", ["auto", "text", "jsonl", "parquet", "array_record"],
+                    "how to read --data; auto: *.jsonl, *.parquet, *.array_record by name, else text files")
+  flags.DEFINE_string("text_field", "text", "JSONL field / Parquet column holding the text")
+  flags.DEFINE_string("file_glob", "*", "file-name pattern for files found inside --data directories")
+  flags.DEFINE_integer("seq_len", None, "row length (default: the run's last curriculum stage, else 4096)",
+                       lower_bound=1)
+  flags.DEFINE_integer("batch_size", 4, "rows per batch", lower_bound=1)
+  flags.DEFINE_enum("attention", None, ["dense", "sparse"],
+                    "attention of the CSA layers (default: the run's last stage, else sparse)")
+  flags.DEFINE_integer("step", None, "a training run's checkpoint step (default: the latest that restores)")
+  flags.DEFINE_string("dtype", None, "parameter / compute dtype: float32 or bfloat16 (default: as stored)")
+  flags.FLAGS(argv)
+  from dsv4_jax.config import ModelConfig
+  from dsv4_jax.convert import load_model
+  from dsv4_jax.train.evaluation import check_heldout, evaluate_heldout, heldout_data_config, source_kind
+  from dsv4_jax.train.export import is_run_dir, load_run_model, read_run_config
+
+  fl = flags.FLAGS
+  from_run = is_run_dir(fl.checkpoint)
+  if from_run:   # defaults from the run's config; its checkpoint is loaded once the data is known to be good
+    run_cfg = read_run_config(fl.checkpoint)
+    last_stage = run_cfg.curriculum[-1]
+    seq_len, attention = fl.seq_len or last_stage.seq_len, fl.attention or last_stage.attention
+    tokenizer, align, data_cfg = run_cfg.data.tokenizer, run_cfg.data.align, run_cfg.data
+  else:
+    if fl.step is not None:
+      raise SystemExit(f"--step: {fl.checkpoint} is a checkpoint directory, not a training run")
+    if not fl.data:
+      raise SystemExit(f"--data: expected held-out files or directories ({fl.checkpoint} is not a training run, "
+                       f"which would have a validation split)")
+    model_cfg = ModelConfig.from_hf_config(fl.checkpoint)
+    seq_len, attention = fl.seq_len or 4096, fl.attention or "sparse"
+    has_tokenizer = os.path.exists(os.path.join(fl.checkpoint, "tokenizer.json"))
+    tokenizer = os.path.join(fl.checkpoint, "tokenizer.json") if has_tokenizer else "byte"
+    align = max([r for r in model_cfg.compress_ratios if r > 0], default=1)
+  if fl.data:
+    kind = source_kind(fl.data) if fl.source == "auto" else fl.source
+    data_cfg = heldout_data_config(fl.data, source=kind, tokenizer=tokenizer, align=align,
+                                   text_field=fl.text_field, file_glob=fl.file_glob)
+  check_heldout(data_cfg, seq_len, fl.batch_size)
+  if from_run:
+    model, step, _ = load_run_model(fl.checkpoint, fl.step, dtype=fl.dtype, log=lambda m: print(m, file=sys.stderr))
+    print(f"[training run {fl.checkpoint}: checkpoint step {step}]", file=sys.stderr)
+  else:
+    model = load_model(fl.checkpoint, dtype=fl.dtype or "float32")
+  where = f"{kind} {list(fl.data)}" if fl.data else f"the run's validation split ({data_cfg.source})"
+  print(f"[held-out: {where}; rows of {seq_len} tokens, {attention} attention]", file=sys.stderr)
+  result = evaluate_heldout(model, data_cfg, seq_len=seq_len, batch_size=fl.batch_size, attention=attention)
+  print(f"{result['documents']:,} documents, {result['bytes']:,} bytes, {result['targets']:,} targets in "
+        f"{result['rows']:,} rows: loss {result['loss']:.4f} nats/token, {result['bits_per_byte']:.4f} bits/byte")
+
+
 @command("cache-size")
 def cache_size(argv):
   """dsv4 cache-size --config flash|pro|PATH --context N [--storage bf16|mixed]: KV cache bytes vs baselines."""
@@ -206,6 +266,7 @@ EXPECTED_ERRORS = (
     ("builtins", "IsADirectoryError", 1),
     ("builtins", "NotADirectoryError", 1),
     ("builtins", "PermissionError", 1),
+    ("dsv4_jax.data.errors", "DataError", 1),
     ("dsv4_jax.convert.errors", "CheckpointError", 1),  # SafetensorsError included (a subclass)
     ("dsv4_jax.train.checkpoint", "CheckpointRestoreError", 1),
 )

@@ -39,6 +39,8 @@ FILES = {  # name -> text, written to the test's tmp directory ({tmp} in the tab
     "curriculum_key.yaml": _tiny(curriculum=[{"seq_len": 256, "steps": 1, "atention": "dense"}]),
     "bad_lr.yaml": _tiny(optimizer={"learning_rate": "abc"}),
     "bad_steps.yaml": _tiny(curriculum=[{"seq_len": 256, "steps": "many"}]),
+    "bad.jsonl": '{"text": "fine"}\nnot json\n',
+    "empty/.keep": "",
 }
 
 # args ({tmp}: the directory holding FILES) -> exit code -> regex the stderr error line must match
@@ -68,6 +70,10 @@ CASES = [
     (["train", "--set", "curriculum.9.steps=5"], 2,
      r"--set curriculum\.9\.steps=5: index 9 is out of range: the curriculum has 3 stages"),
     (["train", "--set", "mesh.data=2"], 2, r"--set mesh\.data=2: unknown config section 'mesh'"),
+    (["train", "--set", "data.source=jsonl", "--set", "data.paths={tmp}/bad.jsonl", "--set", "train.run_dir={tmp}/r1"],
+     1, r"bad\.jsonl:2: invalid JSON \(Expecting value at column 1\); expected one JSON object per line"),
+    (["train", "--set", "data.source=text", "--set", "data.paths={tmp}/empty", "--set", "train.run_dir={tmp}/r2"], 1,
+     r"empty corpus: no documents for split 'train' from source 'text' at \['.*empty'\]"),
     (["train", "--bogus"], 2, r"Unknown command line flag 'bogus'"),
     (["info", "--config", "{tmp}/nosuch.yaml"], 1, r"nosuch\.yaml: No such file or directory"),
     (["info", "--config", "{tmp}/model_key.yaml"], 2, r"unknown model keys \['hiden_size'\]"),
@@ -83,6 +89,7 @@ CASES = [
 def tmp(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli_errors")
   for name, text in FILES.items():
+    (root / name).parent.mkdir(exist_ok=True)
     (root / name).write_text(text)
   return str(root)
 

@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from dsv4_jax.config import DataConfig
+from dsv4_jax.data.errors import DataError
 from dsv4_jax.data.sources import (ArrayRecordSource, JsonlSource, ParquetSource, Subset,
                                    TextFileSource)
 
@@ -82,8 +83,8 @@ def split_source(config: DataConfig, split: str) -> Subset:
     if len(source) and not explicit_validation:
       hint = (f"; the corpus has {len(source)} documents but none hashed into {split!r} at "
               f"validation_fraction={config.validation_fraction} (set DataConfig.validation_paths)")
-    raise ValueError(f"empty corpus: no documents for split {split!r} from source "
-                     f"{config.source!r} at {where}; expected at least one non-empty document{hint}")
+    raise DataError(f"empty corpus: no documents for split {split!r} from source "
+                    f"{config.source!r} at {where}; expected at least one non-empty document{hint}")
   return documents
 
 

@@ -26,6 +26,8 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from dsv4_jax.data.errors import DataError
+
 
 def _check_exists(path: str) -> None:
   if not os.path.exists(path):
@@ -144,16 +146,16 @@ class JsonlSource:
       record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-      raise ValueError(f"{path}:{line_number}: invalid JSON ({reason}); expected one JSON object "
-                       f"per line with a string field {self._text_field!r}") from None
+      raise DataError(f"{path}:{line_number}: invalid JSON ({reason}); expected one JSON object "
+                      f"per line with a string field {self._text_field!r}") from None
     if not isinstance(record, dict) or self._text_field not in record:
       keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(f"{path}:{line_number}: no field {self._text_field!r} (got {keys}); "
-                       f"set DataConfig.text_field to the field holding the text")
+      raise DataError(f"{path}:{line_number}: no field {self._text_field!r} (got {keys}); "
+                      f"set DataConfig.text_field to the field holding the text")
     text = record[self._text_field]
     if not isinstance(text, str):
-      raise ValueError(f"{path}:{line_number}: field {self._text_field!r} must be a string, "
-                       f"got {type(text).__name__}")
+      raise DataError(f"{path}:{line_number}: field {self._text_field!r} must be a string, "
+                      f"got {type(text).__name__}")
     return text
 
   def key(self, index: int) -> str:
@@ -184,11 +186,11 @@ class ParquetSource:
         try:
           parquet = pq.ParquetFile(file)
         except Exception as e:
-          raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+          raise DataError(f"{file}: not a readable Parquet file ({e})") from None
         names = parquet.schema_arrow.names
         if text_field not in names:
-          raise ValueError(f"{file}: no column {text_field!r} (columns: {names}); set "
-                           f"DataConfig.text_field to the column holding the text")
+          raise DataError(f"{file}: no column {text_field!r} (columns: {names}); set "
+                          f"DataConfig.text_field to the column holding the text")
         for group in range(parquet.num_row_groups):
           self._row_groups.append((file, group))
           starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
@@ -218,8 +220,8 @@ class ParquetSource:
     text = rows[local]
     if not isinstance(text, str):
       file, group = self._row_groups[group_index]
-      raise ValueError(f"{file}: row {self._file_row(group_index, local)} column "
-                       f"{self._text_field!r} must be a string, got {type(text).__name__}")
+      raise DataError(f"{file}: row {self._file_row(group_index, local)} column "
+                      f"{self._text_field!r} must be a string, got {type(text).__name__}")
     return text
 
   def _file_row(self, group_index: int, local: int) -> int:
@@ -249,7 +251,7 @@ class ArrayRecordSource:
     try:
       self._source = grain.sources.ArrayRecordDataSource(files) if files else []
     except Exception as e:
-      raise ValueError(f"ArrayRecord files {files}: cannot be opened ({e})") from None
+      raise DataError(f"ArrayRecord files {files}: cannot be opened ({e})") from None
 
   def __len__(self) -> int:
     return len(self._source)

@@ -16,6 +16,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from dsv4_jax.data.errors import DataError
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -80,7 +82,7 @@ class HFTokenizer:
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the library raises a bare Exception on malformed JSON
-      raise ValueError(f"tokenizer file {path!r} is not a valid Hugging Face tokenizer.json: {e}") from e
+      raise DataError(f"tokenizer file {path!r} is not a valid Hugging Face tokenizer.json: {e}") from e
     self._tok.encode_special_tokens = True
     self.name = os.path.abspath(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -98,8 +100,8 @@ class HFTokenizer:
         return token_id
     if given is None and default is not None:
       return default
-    raise ValueError(f"tokenizer {path!r}: no {role} token; tried {list(names)} "
-                     f"(pass {role.lower()}_token=... to HFTokenizer)")
+    raise DataError(f"tokenizer {path!r}: no {role} token; tried {list(names)} "
+                    f"(pass {role.lower()}_token=... to HFTokenizer)")
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
