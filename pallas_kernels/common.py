@@ -1,6 +1,8 @@
 """Shared plumbing for the Pallas kernels: interpret-mode choice, output poisoning, the call builder.
 
-`interpret=None` means: interpret on CPU (the generic Pallas interpreter), compile elsewhere. Pass
+Two variants of each kernel: the TPU one (pallas_kernels.sparse_attention, .indexer, .mhc; Mosaic) and
+the GPU one (pallas_kernels.gpu.*; Triton). `interpret=None` means: interpret on CPU (the generic Pallas
+interpreter, either variant), compile on the variant's own accelerator (`resolve_interpret`). Pass
 `interpret=pltpu.InterpretParams(...)` to run under the TPU interpreter, which simulates scalar
 prefetch, SMEM/VMEM memory spaces and the DMA pipeline on CPU.
 
@@ -38,19 +40,31 @@ def poisoning() -> bool:
   return getattr(_state, "poison", False)
 
 
-def resolve_interpret(interpret: Any, kernel_name: str) -> Any:
-  """None -> interpret on CPU, compiled on TPU; GPU is refused (the kernels use TPU scalar prefetch)."""
+VARIANTS = {"tpu": "pallas_kernels (Mosaic TPU)", "gpu": "pallas_kernels.gpu (Triton)"}
+
+
+def resolve_interpret(interpret: Any, kernel_name: str, variant: str = "tpu") -> Any:
+  """None -> interpret on CPU, compiled on the backend the kernel variant is written for.
+
+  variant "tpu" (pallas_kernels.*: scalar-prefetch BlockSpecs, Mosaic) compiles on TPU; variant "gpu"
+  (pallas_kernels.gpu.*: Triton) compiles on GPU. A variant on the other accelerator is refused with a
+  pointer to the right one (`dsv4_jax.ops.dispatch` picks it for you). An explicit `interpret` is
+  returned unchanged: True (or a pltpu.InterpretParams) interprets either variant on any backend, False
+  compiles, e.g. to lower for another platform with `jax.export`.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"{kernel_name}: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
   if interpret is not None:
     return interpret
   backend = jax.default_backend()
   if backend == "cpu":
     return True
-  if backend == "tpu":
+  if backend == variant:
     return False
+  hint = f"use the {backend.upper()} variant, {VARIANTS[backend]}" if backend in VARIANTS else "pass interpret=True"
   raise NotImplementedError(
-      f"{kernel_name}: no compiled Pallas lowering for backend {backend!r}; these kernels use TPU "
-      "scalar prefetch (PrefetchScalarGridSpec) which Triton / Mosaic GPU cannot express. Use the XLA "
-      "reference on GPU, or pass interpret=True.")
+      f"{kernel_name}: the {variant.upper()} variant has no compiled lowering for backend {backend!r}; "
+      f"{hint} (dsv4_jax.ops.dispatch picks the variant for the backend).")
 
 
 def kernel_call(kernel: Callable, *, grid: tuple, in_specs: Sequence, out_specs: Sequence,

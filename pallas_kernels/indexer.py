@@ -19,9 +19,9 @@ accumulates over query tiles (grid (B, N/bn, C/bc), last axis sequential), so ev
 owned by one program.
 
 Backends: interpret on CPU (default there); written for TPU Mosaic (bn a multiple of 128 lanes, bc of
-8 sublanes, heads on the leading block axis). The kernels use only BlockSpecs without scalar prefetch
-and would map onto Triton, but Triton needs power-of-two blocks and is not wired up: `interpret=None`
-raises on GPU. The causal tile skip (tiles with no visible entry) is not implemented.
+8 sublanes, heads on the leading block axis); `interpret=None` refuses GPU, whose variant (power-of-two
+blocks, in-kernel loops instead of scratch accumulators, and a causal tile skip) is
+pallas_kernels/gpu/indexer.py. The causal tile skip is not implemented here.
 """
 
 from __future__ import annotations
@@ -289,13 +289,8 @@ def _scores_bwd(ratio, interpret, residuals, g):
 _scores.defvjp(_scores_fwd, _scores_bwd)
 
 
-def indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array, *, ratio: int | None = None,
-                   rows: jax.Array | None = None, interpret=None) -> jax.Array:
-  """q [B, C, Hi, Di], w [B, C, Hi], k [B, N, Di] -> fp32 scores [B, C, N] (−inf where not visible).
-
-  ratio: compression ratio for the causal mask (None: no mask). rows [B, C]: query positions t
-  (default 0..C−1). Differentiable in q, w and k.
-  """
+def check_arguments(q: jax.Array, w: jax.Array, k: jax.Array, ratio: int | None, rows: jax.Array | None) -> jax.Array:
+  """The shape contract of the indexer-score kernels (both variants); returns rows (default 0..C−1)."""
   b, c, hi, di = q.shape
   if w.shape != (b, c, hi):
     raise ValueError(f"indexer_scores: w must be [B={b}, C={c}, Hi={hi}], got {w.shape}")
@@ -304,9 +299,20 @@ def indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array, *, ratio: int | Non
   if ratio is not None and ratio < 1:
     raise ValueError(f"indexer_scores: ratio must be ≥ 1 or None, got {ratio}")
   if rows is None:
-    rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-  elif rows.shape != (b, c):
+    return jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+  if rows.shape != (b, c):
     raise ValueError(f"indexer_scores: rows must be [B={b}, C={c}], got {rows.shape}")
+  return rows
+
+
+def indexer_scores(q: jax.Array, w: jax.Array, k: jax.Array, *, ratio: int | None = None,
+                   rows: jax.Array | None = None, interpret=None) -> jax.Array:
+  """q [B, C, Hi, Di], w [B, C, Hi], k [B, N, Di] -> fp32 scores [B, C, N] (−inf where not visible).
+
+  ratio: compression ratio for the causal mask (None: no mask). rows [B, C]: query positions t
+  (default 0..C−1). Differentiable in q, w and k.
+  """
+  rows = check_arguments(q, w, k, ratio, rows)
   interpret = resolve_interpret(interpret, "pallas_kernels.indexer_scores")
   return _scores(q, w, k, rows, ratio, interpret)
 

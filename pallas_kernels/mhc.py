@@ -26,7 +26,8 @@ d mixes = dz·scale_vec, d base = Σ dz and d scale = Σ dz·mixes (grouped per 
 Backends: interpret on CPU (default there); written for TPU Mosaic (lane dims N·d, N, N², M are full
 array dims; d should be a multiple of 128 for aligned stream slices). The [bt, N²] -> [bt, N, N]
 reshape of the comb logits is a lane-to-sublane relayout that Mosaic may reject (then the Sinkhorn
-must be written on N² lane columns); untested on hardware. Not wired for GPU: `interpret=None` raises on GPU.
+must be written on N² lane columns); untested on hardware. `interpret=None` refuses GPU, whose variant is
+pallas_kernels/gpu/mhc.py (Triton).
 """
 
 from __future__ import annotations

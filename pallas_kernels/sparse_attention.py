@@ -26,8 +26,8 @@ differentiable (its cotangent enters ds and dsink).
 Backends. Interpret mode on CPU (default there). Written for TPU Mosaic: token-level grid axes are
 "parallel", the tile axis "arbitrary"; the one-row kv blocks squeeze the second-minor dimension, which
 Mosaic lowers as a strided one-row DMA (untested on hardware in this repository). GPU (Triton / Mosaic
-GPU) cannot express scalar-prefetched index maps, so there is no GPU lowering: `interpret=None` raises
-on GPU and callers should use the XLA reference there.
+GPU) cannot express scalar-prefetched index maps: the GPU variant is pallas_kernels/gpu/sparse_attention.py
+(an in-kernel gather load instead), and `interpret=None` refuses GPU here.
 
 Every grid, index map, slot computation and mask below is a plain integer function proved by
 `pallas_kernels.verify` for symbolic sizes.
@@ -77,9 +77,14 @@ def slot_valid(row):
   return row >= 0
 
 
+def safe_row(row):
+  """The kv row a slot reads: its index if valid, else row 0 (in bounds; masked, never used)."""
+  return select(slot_valid(row), row, 0)
+
+
 def kv_row_block(bi, row):
-  """Block index of a one-row kv block; −1 slots fetch row 0 (in bounds, masked, never used)."""
-  return (bi, select(slot_valid(row), row, 0), 0)
+  """Block index of a one-row kv block: the slot's safe_row."""
+  return (bi, safe_row(row), 0)
 
 
 def drows_block(bi, si, kt):

@@ -8,6 +8,10 @@ from pallas_kernels import index_rules as rules
 from pallas_kernels import verify
 from pallas_kernels.intmath import land, mod, select
 from pallas_kernels.verify import index_rules, indexer, mhc, sparse_attention
+from pallas_kernels.verify.gpu import common as gpu_tiles
+from pallas_kernels.verify.gpu import indexer as gpu_indexer
+from pallas_kernels.verify.gpu import mhc as gpu_mhc
+from pallas_kernels.verify.gpu import sparse_attention as gpu_sparse_attention
 
 
 def test_every_property_is_proved(capsys):
@@ -16,7 +20,9 @@ def test_every_property_is_proved(capsys):
   assert "FAILED" not in out
   for prop in ("window: visible ⇒ s ≥ 0, t−W < s ≤ t", "window: segment isolation", "ring: slot holds a position",
                "entries: entry i visible at t iff", "layout: compressed rows never overlap window rows",
-               "slot mask: valid iff idx != -1", "every block produced", "written back at one sequential step"):
+               "slot mask: valid iff idx != -1", "every block produced", "written back at one sequential step",
+               "tile walk: tiles are disjoint", "gather / atomic add: the row of an idx value lies in [0, N)",
+               "causal skip: a dead entry tile holds no entry visible", "dz writes: no column is written twice"):
     assert prop in out
 
 
@@ -64,6 +70,22 @@ MUTATIONS = [
     (indexer, dict(score_index_map=lambda bi, ci, ni: (bi, ci, 0)), "scores: each block written by one grid point"),
     # overlapping streams
     (mhc, dict(stream_cols=lambda i, d: (i * d, (i + 1) * d + 1)), "streams are disjoint"),
+    # GPU kernels: in-kernel tile walks that start one element late, or stop one tile early
+    (gpu_tiles, dict(tile_start=lambda i, tile: i * tile + 1), "tile walk: every tile [start, start + T) lies in"),
+    (gpu_tiles, dict(tile_count=lambda p, tile: p / tile - 1), "tile walk: tile_count(padded(n)) · T = padded(n)"),
+    (gpu_sparse_attention, dict(tile_count=lambda p, tile: p / tile - 1), "slot tiles: tile_count(Kp) tiles"),
+    # GPU sparse attention: −1 slots gathered (and scatter-added) unclamped; every head block writing block 0
+    (gpu_sparse_attention, dict(safe_row=lambda v: v), "gather / atomic add: the row of an idx value lies in"),
+    (gpu_sparse_attention, dict(head_index_map=lambda bi, si, hg: (bi, si, 0, 0)), "o: each block written by one"),
+    (gpu_sparse_attention, dict(rows_index_map=lambda bi, si, hg: (bi, 1, 0)), "kv: blocks in bounds"),
+    # GPU indexer: a causal skip that tests the tile's last entry instead of its first skips visible entries
+    (gpu_indexer, dict(tile_is_live=lambda t, ni, bn, r: rules.entry_visible(t, ni * bn + bn - 1, r)),
+     "causal skip: a dead entry tile holds no entry visible"),
+    (gpu_indexer, dict(dq_g_map=lambda bi, ci, h: (bi, ci, 1)), "g (cotangent): blocks in bounds"),
+    (gpu_indexer, dict(entry=lambda ni, lane, bn: ni * bn + lane + 1), "mask: lane l of entry tile ni is the entry"),
+    # GPU mHC: stream blocks past the last tile; post gates overlapping the pre gates in dz
+    (gpu_mhc, dict(stream_index_map=lambda ti: (ti + 1, 0, 0)), "x: blocks in bounds"),
+    (gpu_mhc, dict(post_cols=lambda n: (n - 1, 2 * n - 1)), "dz writes: no column is written twice"),
 ]
 
 

@@ -1,5 +1,5 @@
 """Z3 proofs of the model's index rules (`pallas_kernels.index_rules`) and of the Pallas kernels' grids,
-index maps and masks. `main()` backs `dsv4 verify-kernels`."""
+index maps and masks, TPU variants and GPU variants (`verify/gpu/`). `main()` backs `dsv4 verify-kernels`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 
 def all_properties():
   """Every property of every kernel, as a list of engine.Result."""
-  from pallas_kernels.verify import index_rules, indexer, mhc, sparse_attention
-  return index_rules.properties() + sparse_attention.properties() + indexer.properties() + mhc.properties()
+  from pallas_kernels.verify import gpu, index_rules, indexer, mhc, sparse_attention
+  return (index_rules.properties() + sparse_attention.properties() + indexer.properties() + mhc.properties()
+          + gpu.properties())
 
 
 def main(argv=None) -> int:

@@ -94,6 +94,16 @@ def functions_under_proof(module, names: Sequence[str], overrides: dict) -> dict
   return {**{n: getattr(module, n) for n in names}, **overrides}
 
 
+def functions_from(sources: Sequence[tuple], overrides: dict) -> dict[str, Callable]:
+  """functions_under_proof over several modules: sources = [(module, names), ...] (e.g. a GPU kernel's
+  own functions and the layout it shares with the TPU variant)."""
+  known = [n for _, names in sources for n in names]
+  unknown = set(overrides) - set(known)
+  if unknown:
+    raise KeyError(f"unknown functions to override: {sorted(unknown)}; known: {known}")
+  return {**{n: getattr(m, n) for m, names in sources for n in names}, **overrides}
+
+
 def prove(kernel: str, prop: str, claim, assumptions: Sequence, show: Sequence = ()) -> Result:
   solver = z3.Solver()
   solver.set("timeout", TIMEOUT_MS)
