@@ -46,7 +46,8 @@ from dsv4_jax.ops.indexer import select_topk
 from dsv4_jax.ops.kv_storage import gather_rows, reencode, write_rows
 from dsv4_jax.ops.quantization import check_qat_dims, qat_quantise
 from dsv4_jax.ops.sparse_attention import map_query_chunks
-from dsv4_jax.ops.visibility import compressed_visibility
+from dsv4_jax.ops.visibility import entry_visibility
+from dsv4_jax.parallel import context
 
 ATTENTION_MODES = ("sparse", "dense")
 
@@ -114,11 +115,15 @@ class Attention(nnx.Module):
     return self.wo_b(o.reshape(b, s, -1))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               cache: LayerCache | None = None, attention_mode: str = "sparse", with_indexer_loss: bool = True):
+               cache: LayerCache | None = None, attention_mode: str = "sparse", with_indexer_loss: bool = True,
+               sharded: bool = False):
     """x [B, S, d], positions / segment_ids [B, S] -> (out [B, S, d], aux dict, cache).
 
     aux: {"indexer_kl_sum", "indexer_kl_count"} (zeros outside CSA layers, when not requested, and when
     decoding). cache: None without one, else the updated LayerCache (see the module docstring).
+    Without a cache, under a mesh whose `context` axis has C > 1 devices, the layer runs context-parallel
+    (parallel/context.py): each device attends for its S / C query rows, given the window's W−1-row halo
+    from the previous shard and every shard's compressed entries; `sharded` marks that per-shard call.
     """
     if attention_mode not in ATTENTION_MODES:
       raise ValueError(f"attention_mode: expected one of {ATTENTION_MODES}, got {attention_mode!r}")
@@ -126,6 +131,14 @@ class Attention(nnx.Module):
       out, cache = self._decode(x, positions, cache)
       zero = jnp.zeros((), jnp.float32)
       return out, {"indexer_kl_sum": zero, "indexer_kl_count": zero}, cache
+    if cache is None and context.context_size() > 1:
+      def per_shard(layer, x, positions, segment_ids):
+        out, aux, _ = layer(x, positions, segment_ids, attention_mode=attention_mode,
+                            with_indexer_loss=with_indexer_loss, sharded=True)
+        return out, aux
+      out, aux = context.shard_sequence(per_shard, self, x, positions, segment_ids,
+                                        min_rows=self.cfg.sliding_window - 1)
+      return out, aux, None
     cfg, r = self.cfg, self.ratio
     b, s, _ = x.shape
     sparse = attention_mode == "sparse"
@@ -133,19 +146,29 @@ class Attention(nnx.Module):
     qr, q = self.queries(x, positions)
     kv = self.window_kv(x, positions)
     new_cache = None if cache is None else LayerCache(window=self._fill_window(kv, segment_ids, cache))
-    n = s // r if r else 0
-    kv_all = kv
-    if r:  # compressed entries are rows S.. of kv_all
-      compressed, comp_cache = self.compressor(x, positions, self.freqs, segment_ids,
+    # Key rows: [the halo of W−1 rows before this context shard (none unsharded) | the S sequence rows]; a
+    # query's row in them is its local row + halo, its global row (for the entries) its local row + offset.
+    halo, offset, seq_kv, seq_segments = 0, 0, kv, segment_ids
+    if sharded:
+      halo, offset = cfg.sliding_window - 1, context.shard_offset(s)
+      seq_kv = jnp.concatenate([context.previous_rows(kv, halo, 0.0), kv], axis=1)
+      seq_segments = jnp.concatenate([context.previous_rows(segment_ids, halo, -1), segment_ids], axis=1)
+    n = 0
+    kv_all = seq_kv
+    if r:  # compressed entries (of every shard) are the rows after the sequence rows of kv_all
+      compressed, comp_cache = self.compressor(x, positions, self.freqs, segment_ids, sharded=sharded,
                                                cache=None if cache is None else cache.compressor)
-      kv_all = jnp.concatenate([kv, compressed.astype(kv.dtype)], axis=1)
+      kv_all = jnp.concatenate([seq_kv, compressed.astype(kv.dtype)], axis=1)
+      n = compressed.shape[1]
+      entry_segments = segment_ids[:, :s // r * r:r]  # an entry's segment is its first token's
+      entry_segments = context.gather_sequence(entry_segments) if sharded else entry_segments
       if cache is not None:
         new_cache.compressor = comp_cache
     index_q = index_w = index_k = None
     if r == 4 and (sparse or with_indexer_loss or cache is not None):
       index_q, index_w, index_k, index_cache = self.indexer(
           jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr), positions, self.freqs, segment_ids,
-          cache=None if cache is None else cache.indexer)
+          cache=None if cache is None else cache.indexer, sharded=sharded)
       if cache is not None:
         new_cache.indexer = index_cache
     use_indexer = index_k is not None and n > 0 and (sparse or with_indexer_loss)
@@ -154,26 +177,31 @@ class Attention(nnx.Module):
 
     def chunk(rows, q_c, *index_c):
       cidx = valid = index_logits = None
+      row_segments = jnp.take_along_axis(segment_ids, rows, axis=1)
       if n:
-        valid = compressed_visibility(rows, segment_ids, r, n)
+        valid = entry_visibility(rows + offset, row_segments, entry_segments, r)
         if use_indexer:
-          index_logits = score_entries(*index_c, index_k, ratio=r, rows=rows)
+          index_logits = score_entries(*index_c, index_k, ratio=r, rows=rows + offset)
         if r == 4 and sparse:
           cidx, index_logits = select_topk(index_logits, valid, cfg.index_topk)
           valid = cidx >= 0
-      o, lse, comp_logits = attend(q_c, rows, kv_all, segment_ids, self.attn_sink[...], window=cfg.sliding_window,
-                                   scale=self.head_dim ** -0.5, compressed_valid=valid, compressed_idx=cidx,
-                                   with_compressed_logits=want_kl)
+      o, lse, comp_logits = attend(q_c, rows + halo, kv_all, seq_segments, self.attn_sink[...],
+                                   window=cfg.sliding_window, scale=self.head_dim ** -0.5, compressed_valid=valid,
+                                   compressed_idx=cidx, with_compressed_logits=want_kl)
       kl = has = jnp.zeros(rows.shape, jnp.float32)
       if want_kl:
         kl, has = indexer_kl(comp_logits, lse, valid, index_logits)
-        real = jnp.take_along_axis(segment_ids, rows, axis=1) != 0
+        real = row_segments != 0
         kl, has = kl * real, (has & real).astype(jnp.float32)
       return o, kl, has
 
     rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     chunk_inputs = (rows, q) + ((index_q, index_w) if use_indexer else ())
-    o, kl, has = map_query_chunks(chunk, min(cfg.attention_chunk_size, s), *chunk_inputs)
+    # A chunk scores its queries against all N entries ([C, Hi, N] in the XLA indexer), and N is the whole
+    # sequence's also on a context shard: C shards use chunks C times smaller, so that a device holds what an
+    # unsharded run of S / C tokens holds.
+    chunk_size = cfg.attention_chunk_size // (jax.lax.axis_size(context.AXIS) if sharded else 1)
+    o, kl, has = map_query_chunks(chunk, max(1, min(chunk_size, s)), *chunk_inputs)
 
     out = self.project_out(o, positions)
     aux = {"indexer_kl_sum": jnp.sum(kl), "indexer_kl_count": jnp.sum(has)}

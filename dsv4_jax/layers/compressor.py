@@ -32,6 +32,7 @@ from dsv4_jax.layers.rope import apply_rope
 from dsv4_jax.ops import index_rules
 from dsv4_jax.ops.kv_storage import reencode, write_rows
 from dsv4_jax.ops.quantization import qat_quantise
+from dsv4_jax.parallel import context
 
 
 def pool_blocks(kv: jax.Array, score: jax.Array, ratio: int, overlap: bool,
@@ -76,10 +77,12 @@ class Compressor(nnx.Module):
     self.qat_format = qat_format if cfg.qat else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, freqs: np.ndarray, segment_ids: jax.Array | None = None,
-               *, cache: CompressorCache | None = None):
+               *, cache: CompressorCache | None = None, sharded: bool = False):
     """x [B, S, d], positions / segment_ids [B, S] -> (entries, cache).
 
     Without a cache: (entries [B, S // r, c] fp32, None).
+    sharded (inside parallel.context.shard_sequence, no cache): x is this shard's rows; the overlap pools
+      its first block with the previous shard's last one, and the entries of all shards are returned.
     With a cache and S > 1 (prefill of an empty cache; rows right-padded, segment_ids 0 on padding):
       (entries as above, the cache after each row's real tokens).
     With a cache and S = 1 (one decoded token per row at positions[:, 0]): (None, the cache with the token
@@ -91,11 +94,19 @@ class Compressor(nnx.Module):
     r = self.ratio
     n = s // r
     kv, score = self.project(x, index_rules.block_slot(jnp.arange(s), r))
+    seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
+    halo = self.overlap and sharded
+    if halo:  # the previous shard's last block, as block −1 (segment −1 on the first shard: no block)
+      kv, score, seg = (jnp.concatenate([context.previous_rows(a, r, fill), a], axis=1)
+                        for a, fill in ((kv, 0.0), (score, -jnp.inf), (seg, -1)))
     prev_valid = None
-    if self.overlap and segment_ids is not None:
-      block_seg = segment_ids[:, :n * r:r]
+    if self.overlap:
+      block_seg = seg[:, :(n + halo) * r:r]
       prev_valid = jnp.pad(block_seg[:, 1:] == block_seg[:, :-1], [(0, 0), (1, 0)])
-    entries = self.finish(pool_blocks(kv, score, r, self.overlap, prev_valid), positions[:, :n * r:r], freqs)
+    pooled = pool_blocks(kv, score, r, self.overlap, prev_valid)[:, int(halo):]
+    entries = self.finish(pooled, positions[:, :n * r:r], freqs)
+    if sharded:
+      entries = context.gather_sequence(entries)
     if cache is None:
       return entries, None
     lengths = jnp.full((b,), s) if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)

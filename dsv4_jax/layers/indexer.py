@@ -39,14 +39,15 @@ class Indexer(nnx.Module):
         var.set_metadata(indexer=True)
 
   def __call__(self, x: jax.Array, qr: jax.Array, positions: jax.Array, freqs: np.ndarray,
-               segment_ids: jax.Array | None = None, *, cache: CompressorCache | None = None):
+               segment_ids: jax.Array | None = None, *, cache: CompressorCache | None = None, sharded: bool = False):
     """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, Hi, Di], w [B, S, Hi], K_I, cache).
 
     K_I: the keys of this sequence's entries [B, S // r, Di]; in a decode step (S = 1 with a cache) every
-    stored key [B, M // r, Di], the new one included. `cache` is the indexer's compressor cache.
+    stored key [B, M // r, Di], the new one included. `cache` is the indexer's compressor cache. sharded:
+    x, qr are one context shard's rows (parallel/context.py); K_I holds every shard's keys.
     """
     q, w = self.queries(x, qr, positions, freqs)
-    k, cache = self.compressor(x, positions, freqs, segment_ids, cache=cache)
+    k, cache = self.compressor(x, positions, freqs, segment_ids, cache=cache, sharded=sharded)
     if k is None:
       k = decode_rows(cache.entries, jnp.float32)
     return q, w, k, cache

@@ -32,7 +32,13 @@ def window_indices(rows: jax.Array, segment_ids: jax.Array, window: int) -> jax.
 
 def compressed_visibility(rows: jax.Array, segment_ids: jax.Array, ratio: int, n: int) -> jax.Array:
   """Query rows [B, C] -> [B, C, N] bool: entry i is complete at the query and lies in its document."""
-  entries = jnp.arange(n, dtype=jnp.int32)
-  entry_segment = segment_ids[:, :n * ratio:ratio]  # its first token's: entry_first_token(i) = i·r, a slice
-  same_document = entry_segment[:, None, :] == _segment_at(segment_ids, rows)[..., None]
+  # an entry's segment is its first token's: entry_first_token(i) = i·r, a slice
+  return entry_visibility(rows, _segment_at(segment_ids, rows), segment_ids[:, :n * ratio:ratio], ratio)
+
+
+def entry_visibility(rows: jax.Array, row_segment: jax.Array, entry_segment: jax.Array, ratio: int) -> jax.Array:
+  """compressed_visibility from the segments themselves: query rows and their segments [B, C], the entries'
+  segments [B, N] (e.g. gathered from every context shard) -> [B, C, N] bool."""
+  entries = jnp.arange(entry_segment.shape[1], dtype=jnp.int32)
+  same_document = entry_segment[:, None, :] == row_segment[..., None]
   return index_rules.entry_visible(rows[..., None], entries, ratio) & same_document
