@@ -1,6 +1,7 @@
 """Configs: YAML and hub config.json loading, released numbers, validation and unknown-key errors."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -134,7 +135,7 @@ def test_from_mapping_names_section_unknown_and_known_keys():
     ("curriculum.0.train_indexer", "yes", True),
     ("data.shuffle", "false", False),
     ("data.shuffle", "0", False),
-    ("data.paths", "a.txt,b.txt", ("a.txt", "b.txt")),
+    ("data.paths", "a.txt,b.txt", (os.path.abspath("a.txt"), os.path.abspath("b.txt"))),
     ("model.compress_ratios", "[0,4,128,4,0]", (0, 4, 128, 4, 0)),
     ("train.run_dir", "runs/123", "runs/123"),
     ("train.log_every", "5", 5),
@@ -203,3 +204,13 @@ def test_train_yaml_that_is_not_a_mapping(tmp_path):
   path.write_text("- model\n- data\n")
   with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of config sections .* got list"):
     TrainConfig.from_yaml(path, {"optimizer.learning_rate": "1e-3"})
+
+
+def test_data_paths_and_tokenizer_are_stored_absolute(tmp_path, monkeypatch):
+  """A run's saved config must name the same files when it is resumed, exported or evaluated elsewhere."""
+  monkeypatch.chdir(tmp_path)
+  cfg = DataConfig(source="text", paths=("docs", "/abs/x.txt"), validation_paths="held", tokenizer="tok/tokenizer.json")
+  assert cfg.paths == (str(tmp_path / "docs"), "/abs/x.txt")
+  assert cfg.validation_paths == (str(tmp_path / "held"),)
+  assert cfg.tokenizer == str(tmp_path / "tok" / "tokenizer.json")
+  assert DataConfig().tokenizer == "byte"

@@ -9,6 +9,7 @@ is fingerprinted into the iterator state, so a restored state is only accepted b
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from dsv4_jax.config.errors import ConfigError
@@ -24,7 +25,8 @@ class DataConfig:
     "text" (text files and/or directories walked recursively; one file = one document),
     "jsonl" (one JSON object per line, the document in `text_field`), "parquet" (column
     `text_field`), "array_record" (each record is one UTF-8 document).
-  paths: files or directories for the training split (ignored for "stdlib").
+  paths: files or directories for the training split (ignored for "stdlib"); relative paths are stored
+    absolute (resolved against the working directory when the config is built), as is `tokenizer`.
   validation_paths: files for the validation split; when empty, documents are split
     deterministically by a hash of their key (relative path, or "file:line"/"file:row").
   validation_fraction: share of documents hashed into validation when `validation_paths` is empty.
@@ -59,12 +61,16 @@ class DataConfig:
   prefetch_batches: int = 2
 
   def __post_init__(self):
-    # YAML gives lists (or one string); store tuples so the config stays hashable.
+    # YAML gives lists (or one string); store tuples so the config stays hashable. Relative paths are made
+    # absolute here, against the directory the config is read in: a run's saved config (and a resume, an
+    # export or `dsv4 eval` of it from another directory) then names the same files.
     for name in ("paths", "validation_paths"):
       value = getattr(self, name)
       if isinstance(value, str):
         value = (value,)
-      object.__setattr__(self, name, tuple(str(v) for v in value))
+      object.__setattr__(self, name, tuple(os.path.abspath(str(v)) for v in value))
+    if self.tokenizer != "byte":
+      object.__setattr__(self, "tokenizer", os.path.abspath(self.tokenizer))
     if self.source not in SOURCE_KINDS:
       raise ConfigError(f"data.source: expected one of {SOURCE_KINDS}, got {self.source!r}")
     if self.source != "stdlib" and not self.paths:
