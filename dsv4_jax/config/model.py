@@ -70,6 +70,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_chunk_size: int = 256  # queries per chunk in CSA/HCA/SWA and the indexer
   kernels: str = "auto"  # auto | pallas | xla
+  moe_waves: int = 1  # expert parallelism: dispatch / compute / combine in this many overlapping waves
+  moe_capacity_factor: float = 2.0  # expert parallelism: slots per destination = factor × its fair share
   qat: bool = False  # simulate the released model's FP8 KV / FP4 indexer quantisation
   init_std: float = 0.02
 
@@ -125,6 +127,8 @@ class ModelConfig:
     need(self.scoring_func in _SCORING_FUNCS,
          f"scoring_func: expected one of {_SCORING_FUNCS}, got {self.scoring_func!r}")
     need(self.kernels in _KERNELS, f"kernels: expected one of {_KERNELS}, got {self.kernels!r}")
+    need(self.moe_waves >= 1, f"moe_waves: expected a positive integer, got {self.moe_waves}")
+    need(self.moe_capacity_factor > 0, f"moe_capacity_factor: expected > 0, got {self.moe_capacity_factor}")
     need(self.dtype in _DTYPES, f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
     need(self.param_dtype in _DTYPES, f"param_dtype: expected one of {_DTYPES}, got {self.param_dtype!r}")
 
@@ -211,7 +215,8 @@ class ModelConfig:
 
   def to_hf_config(self) -> dict[str, Any]:
     """The hub `config.json` dict for this config (what `save_checkpoint` writes)."""
-    ours = {"dtype", "param_dtype", "attention_chunk_size", "kernels", "qat", "init_std",
+    ours = {"dtype", "param_dtype", "attention_chunk_size", "kernels", "moe_waves", "moe_capacity_factor", "qat",
+            "init_std",
             "yarn_factor", "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow"}
     hf = {k: v for k, v in dataclasses.asdict(self).items() if k not in ours}
     hf["compress_ratios"] = list(self.compress_ratios)
