@@ -269,6 +269,7 @@ EXPECTED_ERRORS = (
     ("dsv4_jax.data.errors", "DataError", 1),
     ("dsv4_jax.convert.errors", "CheckpointError", 1),  # SafetensorsError included (a subclass)
     ("dsv4_jax.train.checkpoint", "CheckpointRestoreError", 1),
+    ("dsv4_jax.train.spike", "SpikeRecoveryError", 1),
 )
 
 

@@ -133,3 +133,51 @@ def test_moe_matches_dense_expert_loop(hash_routed):
     f = load * cfg.n_routed_experts / (cfg.num_experts_per_tok * real.sum())
     p = (s / s.sum(-1, keepdims=True)).mean(0)
     np.testing.assert_allclose(float(aux["balance_loss"]), np.sum(f * p), rtol=1e-5)
+
+
+def test_given_routing_uses_those_experts_with_current_gate_scores():
+  """Routing indices given to a score-routed MoE (anticipatory routing): the experts are the given ones,
+  whatever the scores and bias say; their weights are this call's scores at those experts, normalised
+  and scaled; the output is the dense expert loop with those experts and weights."""
+  cfg, moe = make_moe(False, 8, scale=1.0)
+  x, tokens = inputs(cfg, 9)
+  rng = np.random.default_rng(10)
+  given = np.stack([rng.permutation(cfg.n_routed_experts)[:cfg.num_experts_per_tok] for _ in range(T)]).astype(np.int32)
+  chosen, _, _ = moe.gate(jnp.asarray(x), jnp.asarray(tokens))
+  assert np.any(np.sort(np.asarray(chosen), -1) != np.sort(given, -1))   # differs from the gate's own choice
+  y, aux = moe(jnp.asarray(x)[None], jnp.asarray(tokens)[None], jnp.ones((1, T), bool),
+               routing=jnp.asarray(given)[None])
+  np.testing.assert_array_equal(np.asarray(aux["routing"])[0], given)
+
+  s = np_scores(x, moe.gate.weight[...])
+  w = np.take_along_axis(s, given, -1)
+  w = w / w.sum(-1, keepdims=True) * cfg.routed_scaling_factor
+  _, weights, _ = moe.gate(jnp.asarray(x), jnp.asarray(tokens), jnp.asarray(given))
+  np.testing.assert_allclose(np.asarray(weights), w, rtol=1e-5)
+  x64 = x.astype(np.float64)
+  sh = moe.shared_experts
+  expected = np_expert(x64, sh.w1.weight[...], sh.w2.weight[...], sh.w3.weight[...], cfg.swiglu_limit)
+  w1, w2, w3 = (np.asarray(v[...]) for v in (moe.experts.w1, moe.experts.w2, moe.experts.w3))
+  for e in range(cfg.n_routed_experts):
+    coef = np.sum(np.where(given == e, w, 0.0), -1)
+    expected += coef[:, None] * np_expert(x64, w1[e], w2[e], w3[e], cfg.swiglu_limit)
+  np.testing.assert_allclose(np.asarray(y)[0], expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+  np.testing.assert_array_equal(np.asarray(aux["expert_load"]),
+                                np.bincount(given.reshape(-1), minlength=cfg.n_routed_experts))
+
+  # MoE.route is the gate's own choice; routing with it reproduces the unrouted call exactly.
+  own = moe.route(jnp.asarray(x)[None], jnp.asarray(tokens)[None])
+  np.testing.assert_array_equal(np.asarray(own)[0], np.asarray(chosen))
+  plain, _ = moe(jnp.asarray(x)[None], jnp.asarray(tokens)[None], jnp.ones((1, T), bool))
+  again, _ = moe(jnp.asarray(x)[None], jnp.asarray(tokens)[None], jnp.ones((1, T), bool), routing=own)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(plain))
+
+
+def test_hash_routed_gate_refuses_given_routing():
+  cfg, moe = make_moe(True, 11)
+  x, tokens = inputs(cfg, 12)
+  with pytest.raises(ValueError, match="hash-routed gate takes its experts from tid2eid"):
+    moe.gate(jnp.asarray(x), jnp.asarray(tokens), jnp.zeros((T, cfg.num_experts_per_tok), jnp.int32))
+  cfg, moe = make_moe(False, 11)
+  with pytest.raises(ValueError, match=r"routing indices: expected shape \(40, 2\)"):
+    moe.gate(jnp.asarray(x), jnp.asarray(tokens), jnp.zeros((T, 3), jnp.int32))

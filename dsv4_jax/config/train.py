@@ -12,6 +12,7 @@ from dsv4_jax.config.data import DataConfig
 from dsv4_jax.config.errors import ConfigError, check_keys, check_value, field_types, from_mapping, parse_text
 from dsv4_jax.config.model import ModelConfig
 from dsv4_jax.config.optimizer import OptimizerConfig
+from dsv4_jax.config.stability import StabilityConfig
 
 ATTENTION_MODES = ("dense", "sparse")
 
@@ -56,11 +57,13 @@ class TrainConfig:
   eval_every: steps between validations (also at the end of the run; 0 = never).
   eval_tokens: held-out tokens per validation: a fixed random sample of packed rows of the
     validation split at the current stage's seq_len (`validation_sample`).
+  stability: loss-spike detection, rollback and anticipatory routing (its own YAML section).
   """
   model: ModelConfig
   data: DataConfig
   optimizer: OptimizerConfig
   curriculum: tuple[CurriculumStage, ...]
+  stability: StabilityConfig = StabilityConfig()
   tokens_per_batch: int = 8192
   seed: int = 0
   run_dir: str = "runs/tiny"
@@ -90,13 +93,13 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
-    """Builds from the YAML layout: sections model, data, optimizer, curriculum (a list), train.
+    """Builds from the YAML layout: sections model, data, optimizer, curriculum (a list), train, stability.
 
     `optimizer.total_steps` is always derived from the curriculum.
     """
     if not isinstance(raw, Mapping):
       raise ConfigError(f"expected a mapping of config sections, got {type(raw).__name__}")
-    known = {"model", "data", "optimizer", "curriculum", "train"}
+    known = {"model", "data", "optimizer", "curriculum", "train", "stability"}
     unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
       raise ConfigError(f"unknown config sections {unknown}; expected some of {sorted(known)}")
@@ -110,7 +113,8 @@ class TrainConfig:
     # default optimizer first, then replace it.
     cfg = from_mapping(cls, raw.get("train"), "train", model=from_mapping(ModelConfig, raw["model"], "model"),
                        data=from_mapping(DataConfig, raw.get("data"), "data"), optimizer=OptimizerConfig(),
-                       curriculum=stages)
+                       curriculum=stages,
+                       stability=from_mapping(StabilityConfig, raw.get("stability"), "stability"))
     for name in ("tokens_per_batch", "eval_tokens", "log_every"):
       if getattr(cfg, name) < 1:
         raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(cfg, name)}")
@@ -131,7 +135,7 @@ class TrainConfig:
       raw = {}
     if not isinstance(raw, dict):
       raise ConfigError(f"{path}: expected a mapping of config sections (model, data, optimizer, curriculum, "
-                        f"train), got {type(raw).__name__}")
+                        f"train, stability), got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
       _set_dotted(raw, key, value)
     return cls.from_dict(raw)
@@ -140,7 +144,8 @@ class TrainConfig:
 def _sections() -> dict[str, tuple[type, tuple[str, ...]]]:
   """Override section -> (its dataclass, the fields it may not set: they come from elsewhere)."""
   return {"model": (ModelConfig, ()), "data": (DataConfig, ()), "optimizer": (OptimizerConfig, ("total_steps",)),
-          "train": (TrainConfig, ("model", "data", "optimizer", "curriculum"))}
+          "train": (TrainConfig, ("model", "data", "optimizer", "curriculum", "stability")),
+          "stability": (StabilityConfig, ())}
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -13,6 +13,14 @@ cache (prefill; right-padded rows, segment_ids 0 on padding), S = 1 token per ro
 cache.lengths; `ModelOutput.cache` is the updated cache. The MTP block is not run with a cache.
 (Several tokens into a non-empty cache, i.e. chunked prefill, is not supported: an eager call raises;
 under jit the cache's lengths are not known, so keep to the rule.)
+
+Routing: the score-routed main layers (every main layer from num_hash_layers on) report the experts
+each token used in aux["routing"] [R, B, S, K]; `model(ids, routing=...)` takes such an array and
+routes with it instead of choosing (the gate weights still come from the current parameters; −1
+rows: the router's own choice, so one compiled program serves both), and
+`model.route(ids)` computes it alone, stopping after the last score-routed layer's router (no
+experts of that layer, no head, no MTP). Hash-routed layers are not part of it: their experts are
+tid2eid[token], a fixed table. The MTP block always routes by itself.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ class ModelOutput:
 
   aux["expert_load"] [L, E] routed-token counts (main layers), aux["balance_loss"] (mean over
   score-routed layers), aux["indexer_loss"] (mean KL over CSA layers' queries), plus the MTP
-  layer's under "mtp_*"; aux["hidden"] are the final streams [B, S, N, d].
+  layer's under "mtp_*"; aux["hidden"] are the final streams [B, S, N, d]; aux["routing"]
+  [R, B, S, K] int32 the experts of every token in each of the R score-routed main layers.
   """
   logits: jax.Array
   mtp_logits: jax.Array | None
@@ -87,14 +96,86 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs=rngs)
                          for i in range(cfg.num_nextn_predict_layers)])
 
+  @property
+  def routed_layers(self) -> tuple[int, ...]:
+    """Indices of the score-routed main layers (those whose experts `routing` / aux["routing"] hold)."""
+    return tuple(range(min(self.cfg.num_hash_layers, self.cfg.num_hidden_layers), self.cfg.num_hidden_layers))
+
   def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, cache: Cache | None = None, attention_mode: str = "sparse",
                with_indexer_loss: bool = True, with_mtp: bool = True,
-               logits_at: jax.Array | None = None) -> ModelOutput:
+               logits_at: jax.Array | None = None, routing: jax.Array | None = None) -> ModelOutput:
     """input_ids [B, S] int; segment_ids [B, S] (0 = padding; default all 1); positions [B, S] (default
     0..S−1, or cache.lengths + 0..S−1 with a cache). attention_mode "sparse" (top-k) or "dense" (CSA
     attends every visible entry). cache: see the module docstring. logits_at [B, K]: compute the
-    logits only at these sequence indices (logits [B, K, V]; e.g. each prompt's last token)."""
+    logits only at these sequence indices (logits [B, K, V]; e.g. each prompt's last token).
+    routing [R, B, S, K] int: the experts of each token in each score-routed main layer
+    (`routed_layers`), used instead of the routers' own choice (e.g. a `route` of earlier parameters);
+    −1 entries (a whole token's row): that token is routed as usual."""
+    input_ids, segment_ids, positions = self._inputs(input_ids, segment_ids, positions, cache)
+    b, s = input_ids.shape
+    cfg = self.cfg
+    routed = self.routed_layers
+    if routing is not None and routing.shape != (len(routed), b, s, cfg.num_experts_per_tok):
+      raise ValueError(f"routing: expected shape {(len(routed), b, s, cfg.num_experts_per_tok)} (score-routed "
+                       f"layers {list(routed)}, batch, seq, top-k), got {routing.shape}")
+    kwargs = dict(attention_mode=attention_mode, with_indexer_loss=with_indexer_loss)
+
+    h = self.embed(input_ids)
+    x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
+    layer_aux, layer_caches = [], []
+    for i, block in enumerate(self.layers):
+      x = constrain(x, STREAMS_AXES)
+      given = None if routing is None or i not in routed else routing[routed.index(i)]
+      x, aux, layer_cache = block(x, input_ids, positions, segment_ids,
+                                  cache=None if cache is None else cache.layers[i], routing=given, **kwargs)
+      layer_aux.append(aux)
+      layer_caches.append(layer_cache)
+    x = constrain(x, STREAMS_AXES)
+    head_in = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, :, None, None], axis=1)
+    logits = self.head(self.norm(self.hc_head(head_in)))
+
+    out_aux = _summarise(layer_aux, cfg)
+    out_aux["routing"] = _stack_routing([layer_aux[i]["routing"] for i in routed], b, s, cfg)
+    out_aux["hidden"] = x
+    mtp_logits = new_cache = None
+    if cache is not None:
+      new_cache = Cache(layers=tuple(layer_caches),
+                        lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
+    elif with_mtp and len(self.mtp) and s > 1:
+      mtp_in, mtp_aux = self.mtp[0].predict(x[:, :-1], self.embed(input_ids[:, 1:]), input_ids[:, 1:],
+                                            positions[:, :-1], segment_ids[:, :-1], **kwargs)
+      mtp_logits = self.head(mtp_in)
+      out_aux.update({f"mtp_{k}": v for k, v in _summarise([mtp_aux], cfg, mtp=True).items()})
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux, cache=new_cache)
+
+  def route(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
+            positions: jax.Array | None = None, attention_mode: str = "sparse") -> jax.Array:
+    """The routing-only forward: the experts every score-routed main layer would pick for these tokens
+    with the current parameters, [R, B, S, K] int32 (the `routing` of `__call__`, equal to the
+    aux["routing"] of a full forward). Runs the layers up to the last score-routed layer's router: that
+    layer's experts, the head and the MTP block are not computed, nor the indexer loss."""
+    input_ids, segment_ids, positions = self._inputs(input_ids, segment_ids, positions, None)
+    b, s = input_ids.shape
+    cfg = self.cfg
+    routed = self.routed_layers
+    if not routed:
+      return _stack_routing([], b, s, cfg)
+    h = self.embed(input_ids)
+    x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
+    found = []
+    for i, block in enumerate(self.layers[:routed[-1]]):
+      x = constrain(x, STREAMS_AXES)
+      x, aux, _ = block(x, input_ids, positions, segment_ids, attention_mode=attention_mode,
+                        with_indexer_loss=False)
+      if i in routed:
+        found.append(aux["routing"])
+    x = constrain(x, STREAMS_AXES)
+    found.append(self.layers[routed[-1]].route(x, input_ids, positions, segment_ids, attention_mode=attention_mode))
+    return _stack_routing(found, b, s, cfg)
+
+  def _inputs(self, input_ids, segment_ids, positions, cache):
+    """Checks the call's arguments and fills the defaults -> (input_ids, segment_ids, positions)."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids: expected [batch, seq] integers, got shape {input_ids.shape}")
@@ -114,33 +195,7 @@ class Transformer(nnx.Module):
     for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
       if jnp.shape(arr) != (b, s):
         raise ValueError(f"{name}: expected shape {(b, s)} like input_ids, got {jnp.shape(arr)}")
-    kwargs = dict(attention_mode=attention_mode, with_indexer_loss=with_indexer_loss)
-
-    h = self.embed(input_ids)
-    x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
-    layer_aux, layer_caches = [], []
-    for i, block in enumerate(self.layers):
-      x = constrain(x, STREAMS_AXES)
-      x, aux, layer_cache = block(x, input_ids, positions, segment_ids,
-                                  cache=None if cache is None else cache.layers[i], **kwargs)
-      layer_aux.append(aux)
-      layer_caches.append(layer_cache)
-    x = constrain(x, STREAMS_AXES)
-    head_in = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, :, None, None], axis=1)
-    logits = self.head(self.norm(self.hc_head(head_in)))
-
-    out_aux = _summarise(layer_aux, cfg)
-    out_aux["hidden"] = x
-    mtp_logits = new_cache = None
-    if cache is not None:
-      new_cache = Cache(layers=tuple(layer_caches),
-                        lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
-    elif with_mtp and len(self.mtp) and s > 1:
-      mtp_in, mtp_aux = self.mtp[0].predict(x[:, :-1], self.embed(input_ids[:, 1:]), input_ids[:, 1:],
-                                            positions[:, :-1], segment_ids[:, :-1], **kwargs)
-      mtp_logits = self.head(mtp_in)
-      out_aux.update({f"mtp_{k}": v for k, v in _summarise([mtp_aux], cfg, mtp=True).items()})
-    return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux, cache=new_cache)
+    return input_ids, segment_ids, positions
 
   def balance_router_bias(self, aux: dict[str, Any], speed: float) -> None:
     """Aux-loss-free balancing, after an optimizer step: every score-routed gate moves its bias by
@@ -163,6 +218,13 @@ class _Embedding(nnx.Module):
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return self.weight[...][ids].astype(self.dtype)
+
+
+def _stack_routing(ids: list, b: int, s: int, cfg: ModelConfig) -> jax.Array:
+  """Per-layer experts [B, S, K] -> [R, B, S, K] int32 (R = 0: an empty array of that shape)."""
+  if not ids:
+    return jnp.zeros((0, b, s, cfg.num_experts_per_tok), jnp.int32)
+  return jnp.stack(ids).astype(jnp.int32)
 
 
 def _summarise(layer_aux: list[dict], cfg: ModelConfig, mtp: bool = False) -> dict:

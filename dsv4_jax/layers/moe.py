@@ -3,6 +3,7 @@
 Shapes: x [B, S, d] -> y [B, S, d]; E routed experts, K active per token, F = moe_intermediate_size.
   s = sqrt(softplus(x Wgᵀ))                              [T, E] fp32   (sigmoid / softmax also supported)
   ids = top-K(s + bias)        or   ids = tid2eid[token]  (the first num_hash_layers layers)
+        or ids given by the caller where they are >= 0 (score-routed layers; anticipatory routing)
   weights = s[ids] / Σ s[ids] · routed_scaling_factor
   expert(x) = w2(clamp(w1 x, max=L)·σ(clamp(w1 x, max=L)) ⊙ clamp(w3 x, −L, L))   (SwiGLU, fp32)
   y = Σ_k weights_k · expert_{ids_k}(x) + shared_expert(x)
@@ -106,13 +107,28 @@ class Gate(nnx.Module):
       self.bias = RouterBias(jnp.asarray(np.zeros((e,), np.float32)), logical_axes=("experts",))
     self.topk, self.scoring_func, self.scale = cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor
 
-  def __call__(self, x: jax.Array, token_ids: jax.Array):
-    """x [T, d], token_ids [T] -> (ids [T, K], weights [T, K], scores [T, E]) (fp32)."""
+  def __call__(self, x: jax.Array, token_ids: jax.Array, ids: jax.Array | None = None):
+    """x [T, d], token_ids [T] -> (ids [T, K], weights [T, K], scores [T, E]) (fp32).
+
+    ids [T, K] (score-routed gates only): use these experts instead of the top-K of this call's
+    scores, except for tokens whose row is negative (−1: this call's own choice); the weights are
+    still this call's scores at the experts used (so they, and their gradients, come from the current
+    parameters). Hash-routed gates always take tid2eid[token] (a ValueError if ids are given: their
+    choice depends on no parameter, so there is nothing to give).
+    """
     scores = router_scores(jnp.einsum("td,ed->te", x.astype(jnp.float32), self.weight[...]), self.scoring_func)
     if self.hash_routed:
+      if ids is not None:
+        raise ValueError("gate: a hash-routed gate takes its experts from tid2eid; routing indices were given")
       ids = self.tid2eid[...][token_ids]
     else:
+      if ids is not None and ids.shape != (x.shape[0], self.topk):
+        raise ValueError(f"gate: routing indices: expected shape {(x.shape[0], self.topk)} (tokens, top-k), "
+                         f"got {ids.shape}")
+      given = ids
       _, ids = jax.lax.top_k(scores + jax.lax.stop_gradient(self.bias[...]), self.topk)
+      if given is not None:
+        ids = jnp.where(given[:, :1] >= 0, given.astype(ids.dtype), ids)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if self.scoring_func != "softmax":
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -139,16 +155,21 @@ class MoE(nnx.Module):
     self.shared_experts = Expert(cfg, rngs=rngs)
     self.n_experts, self.topk = cfg.n_routed_experts, cfg.num_experts_per_tok
 
-  def __call__(self, x: jax.Array, token_ids: jax.Array, token_mask: jax.Array):
+  def __call__(self, x: jax.Array, token_ids: jax.Array, token_mask: jax.Array, routing: jax.Array | None = None):
     """x [B, S, d], token_ids [B, S], token_mask [B, S] (False for padding) -> (y [B, S, d], aux).
 
+    routing [B, S, K] int (score-routed layers only): the experts of each token, given instead of
+    chosen here (`Gate.__call__`; a token with −1 entries is routed as usual); the gate weights still
+    come from the current parameters.
     aux["expert_load"] [E]: routed token count per expert (real tokens only).
     aux["balance_loss"]: sequence-wise balance loss  mean_b Σ_e f_{b,e} P_{b,e} with
       f = E/(K·T_b) · count of tokens choosing e,  P = mean over tokens of s_e / Σ s (0 for hash layers).
+    aux["routing"] [B, S, K] int32: the experts each token used.
     """
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
-    ids, weights, scores = self.gate(flat, token_ids.reshape(-1))
+    given = None if routing is None else routing.reshape(b * s, self.topk)
+    ids, weights, scores = self.gate(flat, token_ids.reshape(-1), given)
     y = self.experts(flat, ids, weights) + self.shared_experts(flat).astype(jnp.float32)
 
     mask = token_mask.reshape(b, s).astype(jnp.float32)
@@ -162,4 +183,11 @@ class MoE(nnx.Module):
       probs = (scores / jnp.sum(scores, axis=-1, keepdims=True)).reshape(b, s, -1)
       p = jnp.sum(probs * mask[..., None], axis=1) / n_tok
       balance = jnp.mean(jnp.sum(f * p, axis=-1))
-    return y.reshape(b, s, d).astype(x.dtype), {"expert_load": load, "balance_loss": balance}
+    return y.reshape(b, s, d).astype(x.dtype), {"expert_load": load, "balance_loss": balance,
+                                                "routing": ids.reshape(b, s, self.topk)}
+
+  def route(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """The router alone: x [B, S, d], token_ids [B, S] -> the experts each token would use [B, S, K] int32."""
+    b, s, d = x.shape
+    ids, _, _ = self.gate(x.reshape(b * s, d), token_ids.reshape(-1))
+    return ids.reshape(b, s, self.topk)

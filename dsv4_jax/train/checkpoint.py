@@ -2,7 +2,9 @@
 state and curriculum position, saved asynchronously every N steps, keeping the last K.
 
 Layout under `<run_dir>/checkpoints/<step>/`: `state` (the TrainState pytree), `data` (the Grain
-iterator state, JSON) and `meta` (curriculum position, config fingerprint, JSON).
+iterator state, JSON), `meta` (curriculum position, config fingerprint, the loss-spike controller's
+state, JSON) and, only while anticipatory routing is active, `routing` (its stored routing indices,
+arrays named by step).
 
 A run directory holds one run: `prepare_run_directory` refuses to start a fresh run over an old one
 (RunDirectoryError) unless told to overwrite it (`clear_run`), and `TrainCheckpointer.restore_latest` falls back
@@ -34,6 +36,7 @@ class RunDirectoryError(CheckpointRestoreError):
 
 
 CHECKPOINTS = "checkpoints"
+ROUTING = "routing"   # the optional item of stored anticipatory-routing indices
 UNUSABLE = "unusable_checkpoints"   # corrupt checkpoints set aside by restore_latest
 # What a run writes into its directory (curves.png: `dsv4 plot` of its metrics); --overwrite removes these.
 RUN_FILES = (CHECKPOINTS, UNUSABLE, "metrics.jsonl", "tb", "config.json", "curves.png")
@@ -148,7 +151,7 @@ class TrainCheckpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                            enable_async_checkpointing=True, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
+                "meta": ocp.JsonCheckpointHandler(), ROUTING: ocp.StandardCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.save_every = save_every
 
@@ -158,18 +161,34 @@ class TrainCheckpointer:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-    """Starts an asynchronous save at `step` (every `save_every` steps, or when forced)."""
+  def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False,
+           arrays: dict[str, Any] | None = None) -> bool:
+    """Starts an asynchronous save at `step` (every `save_every` steps, or when forced).
+
+    arrays: named arrays saved as the optional `routing` item (omitted when empty)."""
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flatten_named(state)), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    items = dict(state=ocp.args.StandardSave(flatten_named(state)), data=ocp.args.JsonSave(data_state),
+                 meta=ocp.args.JsonSave(meta))
+    if arrays:
+      items[ROUTING] = ocp.args.StandardSave(dict(arrays))
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, target) -> tuple[Any, dict, dict]:
-    """Restores (state, data_state, meta) at `step` into the structure/shardings of `target`.
+  def delete_after(self, step: int, log=print) -> list[int]:
+    """Deletes the checkpoints of steps after `step` (a rollback abandoned them); -> their steps."""
+    self.manager.wait_until_finished()
+    later = [s for s in self.manager.all_steps() if s > step]
+    for s in later:
+      self.manager.delete(s)
+    if later:
+      log(f"[checkpoint] deleted the checkpoint(s) of step(s) {sorted(later)}, after the rollback to step {step}")
+    return later
+
+  def restore(self, step: int, target, *, with_arrays: bool = False) -> tuple[Any, dict, dict]:
+    """Restores (state, data_state, meta) at `step` into the structure/shardings of `target`
+    (with_arrays: (state, data_state, meta, the `routing` arrays or {})).
 
     Raises CheckpointMismatchError naming mismatched shapes / missing arrays, CheckpointRestoreError
     naming the checkpoint and what failed (missing items, unreadable or truncated files).
@@ -195,11 +214,26 @@ class TrainCheckpointer:
       raise CheckpointRestoreError(f"checkpoint {path}: restoring failed ({_describe(e)})") from e
     if not isinstance(restored["data"], dict) or not isinstance(restored["meta"], dict):
       raise CheckpointRestoreError(f"checkpoint {path}: its data or meta item is not a JSON object")
-    return unflatten_named(restored["state"], target), restored["data"], restored["meta"]
+    state = unflatten_named(restored["state"], target)
+    if not with_arrays:
+      return state, restored["data"], restored["meta"]
+    return state, restored["data"], restored["meta"], self._restore_arrays(step, path)
+
+  def _restore_arrays(self, step: int, path: str) -> dict[str, Any]:
+    if not os.path.exists(os.path.join(path, ROUTING)):
+      return {}
+    try:
+      stored = self.manager.item_metadata(step)[ROUTING]
+      abstract = {k: ocp.utils.to_shape_dtype_struct(v) for k, v in stored.items()}
+      return dict(self.manager.restore(step, args=ocp.args.Composite(
+          **{ROUTING: ocp.args.StandardRestore(abstract)}))[ROUTING])
+    except Exception as e:
+      raise CheckpointRestoreError(f"checkpoint {path}: restoring its {ROUTING} item failed ({_describe(e)})") from e
 
   def restore_latest(self, target, *, check: Callable[[dict], None] | None = None, set_aside: bool = True,
-                     log=print) -> tuple[int, Any, dict, dict] | None:
-    """(step, state, data_state, meta) of the newest checkpoint that restores; None if there is none.
+                     log=print, with_arrays: bool = False) -> tuple[int, Any, dict, dict] | None:
+    """(step, state, data_state, meta) of the newest checkpoint that restores; None if there is none
+    (with_arrays: the `routing` arrays, or {}, follow meta).
 
     A checkpoint that cannot be read (truncated or missing files) is reported by name and the next
     older one is tried; once one restores (and `check(meta)` accepts it), the unusable newer ones are
@@ -211,13 +245,14 @@ class TrainCheckpointer:
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state, data_state, meta = self.restore(step, target)
+        restored = self.restore(step, target, with_arrays=with_arrays)
       except CheckpointMismatchError:
         raise
       except CheckpointRestoreError as e:
         failed.append((step, str(e)))
         log(f"[checkpoint] step {step} is unusable: {e}")
         continue
+      meta = restored[2]
       if check is not None:
         check(meta)
       if failed:
@@ -226,7 +261,7 @@ class TrainCheckpointer:
             f"(not from step(s) {[s for s, _ in failed]})")
         if set_aside:
           self._set_aside([s for s, _ in failed], log)
-      return step, state, data_state, meta
+      return (step, *restored)
     if failed:
       raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored (newest first):\n  "
                                    + ";\n  ".join(f"step {s}: {message}" for s, message in failed))

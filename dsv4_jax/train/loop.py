@@ -9,6 +9,12 @@ continues from the latest checkpoint exactly (same data, same optimizer state, s
 A run directory holds one run: a fresh run refuses a directory that holds one (`overwrite=True`
 deletes it first), `resume=True` requires a checkpoint (`resume="auto"`: resume if there is one), a
 corrupt latest checkpoint is reported and the newest one that restores is used (checkpoint.py).
+
+Loss spikes (`cfg.stability`, spike.py): each step's loss and gradient norm go to the spike detector;
+on a spike the state rolls back to a host snapshot a few steps earlier, the data stream rewinds
+(or skips), and anticipatory routing (anticipatory.py) runs for a period: each step then also routes
+the batch of Δt steps later (batch_stream.py reads it ahead) and trains with the indices stored Δt
+steps earlier. Each event is one log line and one "event" record in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -33,10 +39,14 @@ from dsv4_jax.layers.model import Transformer
 from dsv4_jax.optim import build_optimizer
 from dsv4_jax.optim.schedule import learning_rate_schedule
 from dsv4_jax.train import curriculum
+from dsv4_jax.train.anticipatory import AnticipatoryRouting, make_route_fn
+from dsv4_jax.train.batch_stream import BatchStream
 from dsv4_jax.train.checkpoint import RunDirectoryError, TrainCheckpointer, clear_run, prepare_run_directory
 from dsv4_jax.train.compile_ahead import CompileAhead, shapes_of
 from dsv4_jax.train.metrics import MetricsWriter, last_record
-from dsv4_jax.train.step import TrainState, make_eval_step, make_train_step, split_model
+from dsv4_jax.train.spike import Spike, SpikeRecoveryError, StabilityController, copy_params
+from dsv4_jax.train.step import (TrainState, make_eval_step, make_train_step, own_routing, routing_shape,
+                                  split_model)
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:
@@ -83,13 +93,16 @@ def _batch_shapes(batch_size: int, seq_len: int) -> dict:
 def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState, first: int,
                    total: int) -> CompileAhead:
   """Queues, in the order the run needs them, the train steps of global steps [first, total) and
-  the evaluations among them. Keys: ("train", stage index, step kind), ("eval", stage index, attention)."""
+  the evaluations among them. Keys: ("train", stage index, step kind), ("eval", stage index, attention).
+  A train step takes (state, batch, routing indices): anticipated, or all −1 (the routers choose)."""
   compiler = CompileAhead()
   state_shapes = shapes_of(state)
   for plan in plans:
     batch = _batch_shapes(plan.batch_size, plan.stage.seq_len)
+    routing = jax.ShapeDtypeStruct(routing_shape(cfg.model, plan.batch_size, plan.stage.seq_len), jnp.int32)
     for kind in plan.kinds(first, total):
-      compiler.submit(("train", plan.index, kind), functools.partial(step_fn.lower, state_shapes, batch, kind))
+      compiler.submit(("train", plan.index, kind),
+                      functools.partial(step_fn.lower, state_shapes, batch, kind, routing))
     evaluated = [step for step in range(max(first, plan.start) + 1, min(total, plan.end) + 1)
                  if cfg.eval_every and (step % cfg.eval_every == 0 or step == total)]
     for attention in dict.fromkeys(plan.kind(step - 1).attention for step in evaluated):
@@ -137,16 +150,17 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
                               f"config (fingerprint {meta.get('fingerprint')} != {fingerprint}); resume with "
                               f"that config, or start over (--overwrite or another train.run_dir)")
 
-  data_state, resumed_at = None, None
+  data_state, resumed_at, stability, routing_arrays = None, None, {}, {}
   if restore:
     try:
-      found = ckpt.restore_latest(state, check=same_config, log=log)
+      found = ckpt.restore_latest(state, check=same_config, log=log, with_arrays=True)
       if found is None:
         raise RunDirectoryError(f"--resume: Orbax lists no checkpoint in {ckpt.directory}")
     except BaseException:
       ckpt.close()
       raise
-    resumed_at, state, data_state, meta = found
+    resumed_at, state, data_state, meta, routing_arrays = found
+    stability = meta.get("stability") or {}
     log(f"resumed from step {resumed_at} (stage {meta['stage']})")
 
   total = cfg.optimizer.total_steps if max_steps is None else min(max_steps, cfg.optimizer.total_steps)
@@ -169,59 +183,104 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
     log(f"metrics.jsonl: dropped {metrics.dropped} record(s) after step {resumed_at} (written after that "
         f"checkpoint; the resumed run writes them again)")
   compiled = _compile_ahead(cfg, plans, step_fn, eval_fn, state, step, total)
-  history, last_eval, interrupted = [], None, False
+  controller = StabilityController(cfg.stability)
+  controller.load(stability.get("controller"))
+  anticipation = AnticipatoryRouting(make_route_fn(graphdef), cfg.stability.routing_delay,
+                                     lambda s: curriculum.stage_at(plans, s).kind(s), _to_device)
+  anticipation.load(stability.get("anticipation"), routing_arrays)
+  stream = BatchStream(lambda plan: make_dataset(cfg.data, plan.stage.seq_len, plan.batch_size, tokenizer,
+                                                 split="train", shard_index=jax.process_index(),
+                                                 shard_count=jax.process_count()),
+                       plans, step, data_state)
+
+  def checkpoint_meta(plan) -> dict:
+    return {"stage": plan.index, "fingerprint": fingerprint,
+            "stability": {"controller": controller.state_dict(), "anticipation": anticipation.state_dict()}}
+
+  history, last_eval, interrupted, events = [], None, False, []
   start_time, tokens_done = time.time(), 0
   bar = None
   if progress:
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc="train")
+  plan, eval_batches, own, first = None, {}, {}, True   # per stage: its validation sample, its −1 routing
   try:
     while step < total:
-      plan = curriculum.stage_at(plans, step)
-      log(f"[curriculum] {plan.describe()}")
-      it = make_dataset(cfg.data, plan.stage.seq_len, plan.batch_size, tokenizer, split="train",
-                        shard_index=jax.process_index(), shard_count=jax.process_count())
-      if data_state is not None:
-        it.set_state(data_state)
-      eval_batches = None   # this stage's validation sample, drawn at its first evaluation
-      window_start, window_tokens = time.time(), 0.0
-      while step < min(plan.end, total):
-        batch = _to_device(next(it))
-        state, m = compiled.get(("train", plan.index, plan.kind(step)))(state, batch)
-        step += 1
-        window_tokens += float(m["tokens"])
-        if step % cfg.log_every == 0 or step == total:
-          elapsed = time.time() - window_start
-          values = {k: float(v) for k, v in m.items() if k != "loss_sum"}
-          values.update(lr=float(schedule(step - 1)), tokens_per_second=window_tokens / max(elapsed, 1e-9),
-                        seq_len=plan.stage.seq_len)
-          metrics.write(step, "train", values)
-          history.append(values)
-          tokens_done += window_tokens
-          window_start, window_tokens = time.time(), 0.0
-          if bar is not None:
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}")
+      if plan is None or not plan.start <= step < plan.end:
+        plan = curriculum.stage_at(plans, step)
+        log(f"[curriculum] {plan.describe()}")
+        window_start, window_tokens = time.time(), 0.0
+      kind = plan.kind(step)
+      controller.maybe_snapshot(step, state, stream.position(), first=first)
+      first = False
+      routing = anticipation.routing_for(step, state, stream.peek, cfg.optimizer.total_steps)
+      anticipated = routing is not None
+      if not anticipated:
+        if plan.index not in own:
+          own[plan.index] = own_routing(cfg.model, plan.batch_size, plan.stage.seq_len)
+        routing = own[plan.index]
+      batch = stream.next()
+      if controller.fault_due(step + 1, "batch"):
+        batch = controller.corrupt_batch(batch, tokenizer.vocab_size)
+        log(f"[stability] step {step + 1}: fault injection (stability.fault_step): random targets in this batch")
+      batch = _to_device(batch)
+      before = copy_params(state.params) if controller.fault_due(step + 1, "update") else None
+      state, m = compiled.get(("train", plan.index, kind))(state, batch, routing)
+      if before is not None:
+        state = dataclasses.replace(state, params=controller.scale_update(before, state.params))
+        log(f"[stability] step {step + 1}: fault injection (stability.fault_step): parameter update "
+            f"x{cfg.stability.fault_scale:g}")
+      trained, step = step, step + 1
+      window_tokens += float(m["tokens"])
+      period_start = anticipation.start
+      period_over = anticipation.done(trained)
+      spike = controller.observe(step, plan.index, float(m["loss"]), float(m["grad_norm"]))
+      if step % cfg.log_every == 0 or step == total:
+        elapsed = time.time() - window_start
+        values = {k: float(v) for k, v in m.items() if k != "loss_sum"}
+        values.update(lr=float(schedule(step - 1)), tokens_per_second=window_tokens / max(elapsed, 1e-9),
+                      seq_len=plan.stage.seq_len, anticipation=float(anticipated),
+                      spikes=controller.spikes, rollbacks=controller.rollbacks)
+        metrics.write(step, "train", values)
+        history.append(values)
+        tokens_done += window_tokens
+        window_start, window_tokens = time.time(), 0.0
         if bar is not None:
-          bar.update(1)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-          if eval_batches is None:
-            eval_batches = validation_sample(cfg.data, plan.stage.seq_len, plan.batch_size,
-                                             max(1, cfg.eval_tokens // plan.stage.seq_len), tokenizer)
-          evaluate_fn = compiled.get(("eval", plan.index, plan.kind(step - 1).attention))
-          last_eval = evaluate(evaluate_fn, state, eval_batches)
-          metrics.write(step, "eval", last_eval)
-          log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
-        data_state = it.get_state()
-        ckpt.save(step, state, data_state, {"stage": plan.index, "fingerprint": fingerprint})
+          bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}")
+      if spike is not None:
+        state, step = _recover(spike, controller, anticipation, stream, ckpt, cfg, metrics, events, log)
+        data_state = stream.position()
+        if bar is not None:
+          bar.n = step
+          bar.refresh()
+        if controller.too_many():
+          raise SpikeRecoveryError(events[-1]["action"])
+        continue
+      if period_over:
+        _event(metrics, events, log, step, event="anticipation_off", loss=float(m["loss"]),
+               action=f"anticipatory routing off (it routed steps {period_start + 1}..{step})")
+      if bar is not None:
+        bar.update(1)
+      if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+        if plan.index not in eval_batches:
+          eval_batches[plan.index] = validation_sample(cfg.data, plan.stage.seq_len, plan.batch_size,
+                                                       max(1, cfg.eval_tokens // plan.stage.seq_len), tokenizer)
+        evaluate_fn = compiled.get(("eval", plan.index, plan.kind(step - 1).attention))
+        last_eval = evaluate(evaluate_fn, state, eval_batches[plan.index])
+        metrics.write(step, "eval", last_eval)
+        log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
+      data_state = stream.position()
+      ckpt.save(step, state, data_state, checkpoint_meta(plan), arrays=anticipation.arrays())
   except KeyboardInterrupt:
     interrupted = True
     log(f"interrupted at step {step}: saving a final checkpoint")
   finally:
     if bar is not None:
       bar.close()
+    stream.close()
     if data_state is not None and step > 0:
       plan = curriculum.stage_at(plans, step - 1)
-      ckpt.save(step, state, data_state, {"stage": plan.index, "fingerprint": fingerprint}, force=True)
+      ckpt.save(step, state, data_state, checkpoint_meta(plan), arrays=anticipation.arrays(), force=True)
     ckpt.close()
     metrics.close()
 
@@ -229,7 +288,8 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   summary = {"steps": step, "interrupted": interrupted, "seconds": elapsed,
              "tokens_per_second": tokens_done / max(elapsed, 1e-9),
              "final_loss": history[-1]["loss"] if history else math.nan, "history": history,
-             "eval": last_eval}
+             "eval": last_eval,
+             "stability": {"spikes": controller.spikes, "rollbacks": controller.rollbacks, "events": events}}
   validation = ""
   if last_eval:
     entropy = corpus_unigram_byte_entropy(cfg.data)
@@ -240,3 +300,57 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   loss = f", train loss {summary['final_loss']:.4f}" if history else ""
   log(f"done: {step} steps in {elapsed:.0f}s, {summary['tokens_per_second']:.0f} tokens/s{loss}{validation}")
   return summary
+
+
+EVENT_NAMES = {"spike": "loss spike", "anticipation_off": "recovered"}
+
+
+def _event(metrics: MetricsWriter, events: list, log, step: int, **record) -> None:
+  """One stability event: a log line "[stability] step N: <event>, <loss vs threshold>: <action>" and an
+  "event" record in metrics.jsonl."""
+  events.append({"step": step, **record})
+  metrics.event(step, record)
+  loss, reason = record.get("loss"), record.get("reason")
+  if reason == "loss":
+    said = f"loss {loss:.4f} > threshold {record['threshold']:.4f} (median {record['median']:.4f})"
+  elif reason == "grad_norm":
+    said = (f"gradient norm {record['grad_norm']:.4g} > threshold {record['threshold']:.4g} (loss {loss:.4f}, "
+            f"loss threshold {record['loss_threshold']:.4f})")
+  elif reason == "non-finite":
+    said = f"loss {loss}, gradient norm {record['grad_norm']} (not finite)"
+  else:
+    said = f"loss {loss:.4f}"
+  log(f"[stability] step {step}: {EVENT_NAMES.get(record['event'], record['event'])}, {said}: {record['action']}")
+
+
+def _recover(spike: Spike, controller: StabilityController, anticipation: AnticipatoryRouting,
+             stream: BatchStream, ckpt: TrainCheckpointer, cfg: TrainConfig, metrics: MetricsWriter,
+             events: list, log):
+  """A spike at spike.step: the state rolls back to a snapshot, the data stream rewinds to its step
+  (replay) or goes on after the spike's batch (skip), anticipatory routing starts, the checkpoints
+  of the abandoned steps are deleted; -> (state, step) to continue from."""
+  c = cfg.stability
+  target, action = controller.plan_rollback(spike, c.routing_steps)
+  state = controller.restore(target)
+  if action == "skip":
+    target.data_state = stream.position()   # the batch after the spike's: step target.step reads it now
+  stream.reset(target.step, target.data_state)
+  if controller.too_many():
+    anticipation.deactivate()
+    what = (f"stopping: {controller.in_a_row} rollbacks in a row (stability.max_rollbacks_in_a_row = "
+            f"{c.max_rollbacks_in_a_row}); the train state is back at step {target.step}")
+  else:
+    anticipation.activate(target.step, c.routing_steps)
+    data = ("replaying the batches from there" if action == "replay"
+            else f"skipping the batches up to step {spike.step}'s")
+    period = (f"; anticipatory routing for {c.routing_steps} steps (delay {c.routing_delay})" if c.routing_steps
+              else "")
+    what = f"rolled back to step {target.step}, {data}{period}"
+  ckpt.delete_after(target.step, log)
+  grad = spike.grad_norm_threshold
+  _event(metrics, events, log, spike.step, event="spike", reason=spike.reason, loss=spike.loss,
+         threshold=grad if spike.reason == "grad_norm" else spike.threshold, loss_threshold=spike.threshold,
+         median=spike.median, grad_norm=spike.grad_norm, grad_norm_threshold=grad, rollback_to=target.step,
+         data=action, anticipation_steps=0 if controller.too_many() else c.routing_steps,
+         action=what)
+  return state, target.step

@@ -1,4 +1,10 @@
-"""Metrics sinks: JSONL (one object per line), TensorBoard, and the `dsv4 plot` curves."""
+"""Metrics sinks: JSONL (one object per line), TensorBoard, and the `dsv4 plot` curves.
+
+Records: {"step", "kind": "train" | "eval", numbers...} and {"step", "kind": "event", "event": "spike" |
+"anticipation_off", ...} (loss spikes and their recovery, loop.py). After a rollback the steps it
+undid are written again: the last record of a step is the one that counts (`dsv4 plot` shows the
+undone ones in grey, the spikes, the rollbacks and the anticipatory-routing periods).
+"""
 
 from __future__ import annotations
 
@@ -32,6 +38,14 @@ class MetricsWriter:
     if self.tb is not None:
       for k, v in values.items():
         self.tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+
+  def event(self, step: int, values: dict) -> None:
+    """A record of kind "event" (a loss spike, the end of anticipatory routing, ...): `values` as given
+    (JSON: numbers, strings, None); TensorBoard gets its "action" as text under "events"."""
+    self.file.write(json.dumps({"step": int(step), "kind": "event", **values}) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      self.tb.add_text("events", f"{values.get('event', '')}: {values.get('action', '')}", int(step))
 
   def close(self) -> None:
     self.file.close()
@@ -83,10 +97,11 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
   import matplotlib.pyplot as plt
 
   records = read_metrics(run_dir)
-  train = [r for r in records if r["kind"] == "train"]
-  val = [r for r in records if r["kind"] == "eval"]
+  train, abandoned = _final_trajectory([r for r in records if r["kind"] == "train"])
+  val, _ = _final_trajectory([r for r in records if r["kind"] == "eval"])
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (nats/token)")
+  _mark_stability(axes[0], records, abandoned)
   axes[0].set_xlabel("step")
   axes[0].set_ylabel("nats per token")
   if val:
@@ -107,3 +122,48 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
   fig.savefig(out, dpi=100)
   plt.close(fig)
   return out
+
+
+def _final_trajectory(records: list[dict]) -> tuple[list[dict], list[dict]]:
+  """Records in file order -> (the last record of each step, by step; the records a rollback
+  abandoned: those a later record of the same step replaced)."""
+  last = {}
+  for i, r in enumerate(records):
+    last[r["step"]] = i
+  kept = sorted((records[i] for i in last.values()), key=lambda r: r["step"])
+  return kept, [r for i, r in enumerate(records) if last[r["step"]] != i]
+
+
+def stability_periods(records: list[dict]) -> list[dict]:
+  """The loss spikes of a run's records (metrics.jsonl) with what followed: for each "spike" event
+  {"step", "loss", "rollback_to", "active": (first, last) steps routed anticipatorily, or None}.
+  A period ends at its "anticipation_off" event, at the next spike, or at the run's last record."""
+  events = [r for r in records if r.get("kind") == "event"]
+  last_step = max((r["step"] for r in records), default=0)
+  spikes = []
+  for i, e in enumerate(events):
+    if e.get("event") != "spike":
+      continue
+    active = None
+    if e.get("anticipation_steps"):
+      end = next((f["step"] for f in events[i + 1:] if f.get("event") in ("anticipation_off", "spike")), last_step)
+      active = (e["rollback_to"] + 1, end)
+    spikes.append({"step": e["step"], "loss": e.get("loss"), "rollback_to": e.get("rollback_to"), "active": active})
+  return spikes
+
+
+def _mark_stability(ax, records: list[dict], abandoned: list[dict]) -> None:
+  """Loss spikes (x), their rollbacks (dotted line at the step rolled back to), the abandoned steps
+  (grey) and the anticipatory-routing periods (shaded) on the loss axes."""
+  if abandoned:
+    ax.plot([r["step"] for r in abandoned], [r["loss"] for r in abandoned], ".", color="0.6", markersize=3,
+            label="steps undone by a rollback")
+  for i, spike in enumerate(stability_periods(records)):
+    ax.plot([spike["step"]], [spike["loss"]], "x", color="tab:red", markersize=9, mew=2,
+            label="loss spike" if i == 0 else None)
+    if spike["rollback_to"] is not None:
+      ax.axvline(spike["rollback_to"], color="tab:red", linestyle=":", linewidth=1,
+                 label="rolled back to" if i == 0 else None)
+    if spike["active"] is not None:
+      ax.axvspan(spike["active"][0], spike["active"][1], color="tab:orange", alpha=0.15,
+                 label="anticipatory routing" if i == 0 else None)

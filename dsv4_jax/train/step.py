@@ -6,6 +6,10 @@ every score-routed MoE layer's bias moves by
   bias_e ← bias_e + speed · sign(mean_e(load) − load_e)            (aux-loss-free balancing)
 using the expert loads of that step's batch (the forward's aux).
 Indexer warm-up steps update only the parameters tagged `indexer=True` (the lightning indexers).
+A step may be given the batch's MoE routing indices [R, B, S, K] (anticipatory routing, anticipatory.py):
+the score-routed layers then use those experts, weighted by the current parameters' gate scores.
+The loop always passes them, −1 (`own_routing`: the routers choose) while anticipatory routing is
+off, so that one compiled program serves both.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv4_jax.config import TrainConfig
+from dsv4_jax.config import ModelConfig, TrainConfig
 from dsv4_jax.train.curriculum import StepKind
 from dsv4_jax.train.losses import training_losses
 
@@ -39,6 +43,17 @@ def split_model(model: nnx.Module):
   return graphdef, params, extra
 
 
+def routing_shape(cfg: ModelConfig, batch_size: int, seq_len: int) -> tuple[int, int, int, int]:
+  """[R, B, S, K] of a batch's routing indices (R: the score-routed main layers)."""
+  routed = cfg.num_hidden_layers - min(cfg.num_hash_layers, cfg.num_hidden_layers)
+  return routed, batch_size, seq_len, cfg.num_experts_per_tok
+
+
+def own_routing(cfg: ModelConfig, batch_size: int, seq_len: int) -> jax.Array:
+  """Routing indices that leave every choice to the routers (all −1)."""
+  return jnp.full(routing_shape(cfg, batch_size, seq_len), -1, jnp.int32)
+
+
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -52,22 +67,24 @@ def _indexer_only(tree):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, decay_start: int):
-  """A jitted `step(state, batch, kind) -> (state, metrics)`; `kind` (a StepKind) is static."""
+  """A jitted `step(state, batch, kind, routing=None) -> (state, metrics)`; `kind` (a StepKind) is
+  static; `routing` [R, B, S, K]: the batch's expert indices per score-routed layer (−1 rows, or None,
+  a separate compilation: the routers choose)."""
 
-  def loss_fn(params, extra, batch, kind: StepKind, step):
+  def loss_fn(params, extra, batch, kind: StepKind, step, routing):
     model = nnx.merge(graphdef, params, extra)
     out = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                 attention_mode=kind.attention, with_indexer_loss=kind.indexer_loss,
-                with_mtp=not kind.indexer_only)
+                with_mtp=not kind.indexer_only, routing=routing)
     mtp_weight = jnp.where(step >= decay_start, cfg.mtp_loss_weight_after_decay, cfg.mtp_loss_weight)
     losses = training_losses(out, batch, mtp_weight=mtp_weight, balance_weight=cfg.balance_loss_weight,
                              indexer_weight=cfg.indexer_loss_weight, indexer_only=kind.indexer_only)
     return losses["total"], (losses, out.aux)
 
   @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
-  def step(state: TrainState, batch: dict, kind: StepKind):
+  def step(state: TrainState, batch: dict, kind: StepKind, routing: jax.Array | None = None):
     grads, (losses, aux) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.extra, batch, kind, state.step)
+        state.params, state.extra, batch, kind, state.step, routing)
     if kind.indexer_only:  # indexer warm-up: everything else stays frozen (weight decay included)
       grads = _indexer_only(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
