@@ -237,4 +237,5 @@ def _summarise(layer_aux: list[dict], cfg: ModelConfig, mtp: bool = False) -> di
       "expert_load": jnp.stack([a["expert_load"] for a in layer_aux]),
       "balance_loss": jnp.mean(jnp.stack(routed)) if routed else jnp.zeros((), jnp.float32),
       "indexer_loss": kl_sum / jnp.maximum(kl_count, 1.0),
+      "dropped_copies": sum(a["dropped_copies"] for a in layer_aux),
   }

@@ -8,6 +8,9 @@ Shapes: x [B, S, d] -> y [B, S, d]; E routed experts, K active per token, F = mo
   expert(x) = w2(clamp(w1 x, max=L)·σ(clamp(w1 x, max=L)) ⊙ clamp(w3 x, −L, L))   (SwiGLU, fp32)
   y = Σ_k weights_k · expert_{ids_k}(x) + shared_expert(x)
 Routed experts run sparsely: token copies are sorted by expert and multiplied with `jax.lax.ragged_dot`.
+Under a mesh whose `expert` axis has P > 1 devices, the experts are sharded over it and the token copies
+travel to their expert's device and back by all-to-all, in `moe_waves` waves (parallel/expert.py); copies
+beyond the dispatch capacity (`moe_capacity_factor`) are dropped and counted (aux["dropped_copies"]).
 The router bias and `tid2eid` are not trained by gradients (bias: aux-loss-free balancing, outside).
 """
 
@@ -20,6 +23,7 @@ from flax import nnx
 
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.layers.linear import MUON, Linear, param
+from dsv4_jax.parallel import expert
 
 
 class RouterBias(nnx.Variable):
@@ -72,9 +76,15 @@ class RoutedExperts(nnx.Module):
     self.w2 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=cfg.init_std, dtype=pd, optimizer=MUON)
     self.w3 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=cfg.init_std, dtype=pd, optimizer=MUON)
     self.limit, self.dtype = cfg.swiglu_limit, jnp.dtype(cfg.dtype)
+    self.waves, self.capacity_factor = cfg.moe_waves, cfg.moe_capacity_factor
 
-  def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
-    """x [T, d], ids / weights [T, K] -> Σ_k weights_k · expert_{ids_k}(x)  [T, d] fp32."""
+  def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [T, d], ids / weights [T, K] -> (Σ_k weights_k · expert_{ids_k}(x) [T, d] fp32, the number of token
+    copies dropped for lack of dispatch capacity: always 0 without expert parallelism)."""
+    if expert.expert_size() > 1:
+      return expert.routed_experts(x, ids, weights, self.w1[...], self.w2[...], self.w3[...], swiglu=swiglu,
+                                   limit=self.limit, dtype=self.dtype, waves=self.waves,
+                                   capacity_factor=self.capacity_factor)
     t, k = ids.shape
     e = self.w1[...].shape[0]
     flat_ids = ids.reshape(-1)
@@ -88,7 +98,7 @@ class RoutedExperts(nnx.Module):
     h = swiglu(jax.lax.ragged_dot(xs, w1, group_sizes), jax.lax.ragged_dot(xs, w3, group_sizes), self.limit)
     h = h * weights.reshape(-1)[order][:, None]
     ys = jax.lax.ragged_dot(h.astype(self.dtype), w2, group_sizes).astype(jnp.float32)
-    return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token].add(ys)
+    return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token].add(ys), jnp.zeros((), jnp.int32)
 
 
 class Gate(nnx.Module):
@@ -165,12 +175,14 @@ class MoE(nnx.Module):
     aux["balance_loss"]: sequence-wise balance loss  mean_b Σ_e f_{b,e} P_{b,e} with
       f = E/(K·T_b) · count of tokens choosing e,  P = mean over tokens of s_e / Σ s (0 for hash layers).
     aux["routing"] [B, S, K] int32: the experts each token used.
+    aux["dropped_copies"]: token copies dropped by expert parallelism's dispatch capacity (0 without it).
     """
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     given = None if routing is None else routing.reshape(b * s, self.topk)
     ids, weights, scores = self.gate(flat, token_ids.reshape(-1), given)
-    y = self.experts(flat, ids, weights) + self.shared_experts(flat).astype(jnp.float32)
+    routed, dropped = self.experts(flat, ids, weights)
+    y = routed + self.shared_experts(flat).astype(jnp.float32)  # independent: runs while the copies travel
 
     mask = token_mask.reshape(b, s).astype(jnp.float32)
     chosen = jax.nn.one_hot(ids, self.n_experts, dtype=jnp.float32).sum(axis=1).reshape(b, s, -1)
@@ -184,7 +196,7 @@ class MoE(nnx.Module):
       p = jnp.sum(probs * mask[..., None], axis=1) / n_tok
       balance = jnp.mean(jnp.sum(f * p, axis=-1))
     return y.reshape(b, s, d).astype(x.dtype), {"expert_load": load, "balance_loss": balance,
-                                                "routing": ids.reshape(b, s, self.topk)}
+                                                "routing": ids.reshape(b, s, self.topk), "dropped_copies": dropped}
 
   def route(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
     """The router alone: x [B, S, d], token_ids [B, S] -> the experts each token would use [B, S, K] int32."""

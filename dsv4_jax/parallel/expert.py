@@ -59,27 +59,32 @@ def routed_experts(x, ids, weights, w1, w2, w3, *, swiglu, limit: float, dtype, 
   """Σ_k weights_k · expert_{ids_k}(x) with the experts sharded over `expert` (see the module docstring).
 
   x [T, d], ids / weights [T, K]; w1, w3 [E, F, d], w2 [E, d, F] (the full arrays; sharded here over
-  `expert`). swiglu(gate, up, limit): the activation. Returns (y [T, d] fp32, dropped: the number of token
-  copies that found no slot, summed over all devices).
+  `expert`). swiglu(gate, up, limit): the activation. T need not divide by P (padding tokens are added and
+  send nothing). Returns (y [T, d] fp32, dropped: the number of token copies that found no slot, summed
+  over all devices).
   """
   devices = expert_size()
   t, k = ids.shape
   e = w1.shape[0]
-  if e % devices or t % devices:
-    raise ValueError(f"expert parallelism over {devices} devices: the {e} experts and the {t} tokens must "
-                     f"divide evenly")
-  e_local, t_local = e // devices, t // devices
+  if e % devices:
+    raise ValueError(f"expert parallelism over {devices} devices: the {e} experts must divide evenly")
+  pad = -t % devices  # tokens are split evenly: padding tokens (expert −1) send nothing
+  x, weights = jnp.pad(x, [(0, pad), (0, 0)]), jnp.pad(weights, [(0, pad), (0, 0)])
+  ids = jnp.pad(ids, [(0, pad), (0, 0)], constant_values=-1)
+  e_local, t_local = e // devices, (t + pad) // devices
   cap = capacity(t_local, k, devices, waves, capacity_factor)
 
   def local(x, ids, weights, w1, w2, w3):
     copies = t_local * k
     flat_ids = ids.reshape(-1)
-    dest = flat_ids // e_local                                                     # [copies]
+    real = flat_ids >= 0
+    dest = jnp.where(real, flat_ids // e_local, 0)                                 # [copies]
     # rank of each copy among the copies to the same destination, in token order
-    rank = jnp.cumsum(jax.nn.one_hot(dest, devices, dtype=jnp.int32), axis=0)[jnp.arange(copies), dest] - 1
+    sent = jax.nn.one_hot(dest, devices, dtype=jnp.int32) * real[:, None]
+    rank = jnp.cumsum(sent, axis=0)[jnp.arange(copies), dest] - 1
     wave, slot = rank // cap, rank % cap
-    kept = wave < waves
-    dropped = jnp.sum(~kept).astype(jnp.int32)
+    kept = real & (wave < waves)
+    dropped = jnp.sum(real & ~kept).astype(jnp.int32)
     token = jnp.arange(copies) // k
     y = jnp.zeros((t_local, x.shape[-1]), jnp.float32)
     for w in range(waves):   # independent waves: XLA may overlap one's transfers with another's compute
@@ -96,5 +101,6 @@ def routed_experts(x, ids, weights, w1, w2, w3, *, swiglu, limit: float, dtype, 
     return y, jax.lax.psum(dropped, AXIS)
 
   tokens, experts = P(AXIS), P(AXIS)
-  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts, experts, experts),
-                       out_specs=(tokens, P()), axis_names={AXIS})(x, ids, weights, w1, w2, w3)
+  y, dropped = jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                             out_specs=(tokens, P()), axis_names={AXIS})(x, ids, weights, w1, w2, w3)
+  return y[:t], dropped

@@ -96,7 +96,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
       model = nnx.merge(graphdef, params, extra)
       model.balance_router_bias(aux, cfg.router_bias_speed)
       _, _, extra = split_model(model)
-    metrics = dict(losses, grad_norm=optax.global_norm(grads))
+    dropped = aux["dropped_copies"] + aux.get("mtp_dropped_copies", 0)  # expert parallelism's capacity
+    metrics = dict(losses, grad_norm=optax.global_norm(grads), dropped_copies=dropped.astype(jnp.float32))
     return TrainState(state.step + 1, params, extra, opt_state), metrics
 
   return step
