@@ -46,12 +46,13 @@ SCRIPT = textwrap.dedent("""
     y0, g0 = single(x, weights, *w), grads(single)(x, weights, *w)
     for sizes in (dict(expert=8), dict(expert=4, data=2)):
       p = sizes["expert"]
-      # A short capacity: drops counted per (source device, destination device) pair, in token order.
+      # A short capacity: drops counted per (source device, destination device) pair, in token order. Tokens
+      # are split over all 8 devices (every batch axis), experts over the P of `expert`.
       factor, short_waves = 0.5, 2
-      cap = capacity(t // p, k, p, short_waves, factor)
-      dest = (ids // (e // p)).reshape(p, -1)                      # [source device, its copies]
+      cap = capacity(t // 8, k, p, short_waves, factor)
+      dest = (ids // (e // p)).reshape(8, -1)                      # [source device, its copies]
       rank = np.zeros_like(dest)
-      for src in range(p):
+      for src in range(8):
         for j, d in enumerate(dest[src]):
           rank[src, j] = np.sum(dest[src, :j] == d)
       kept = (rank < cap * short_waves).reshape(t, k)

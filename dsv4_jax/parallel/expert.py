@@ -1,6 +1,7 @@
 """Expert parallelism: the routed experts sharded over the mesh axis `expert`, token copies sent by all-to-all.
 
-With P devices on `expert`, device p holds experts [p·E/P, (p+1)·E/P) and T/P of the tokens. Each token copy
+With P devices on `expert`, device p holds experts [p·E/P, (p+1)·E/P) and its share of the tokens (split
+over every batch axis: data, fsdp, expert). Each token copy
 (token t, its k-th expert e, weight w) goes to device e // (E/P) and back:
   dispatch   each device packs its copies by destination into a buffer [P, cap, d] (at most `cap` copies per
              destination; the rest are dropped and counted) and `all_to_all` swaps the buffers;
@@ -21,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from dsv4_jax.parallel.mesh import LOGICAL_RULES
 
 AXIS = "expert"
 
@@ -68,10 +71,15 @@ def routed_experts(x, ids, weights, w1, w2, w3, *, swiglu, limit: float, dtype, 
   e = w1.shape[0]
   if e % devices:
     raise ValueError(f"expert parallelism over {devices} devices: the {e} experts must divide evenly")
-  pad = -t % devices  # tokens are split evenly: padding tokens (expert −1) send nothing
+  # Tokens are split over every mesh axis the batch is (data, fsdp, expert: all manual here, so that the
+  # packing below runs on each device's own tokens); the all-to-alls run over `expert` alone.
+  mesh = jax.sharding.get_abstract_mesh()
+  token_axes = tuple(a for a in LOGICAL_RULES["batch"] if a == AXIS or mesh.shape.get(a, 1) > 1)
+  shards = math.prod(mesh.shape[a] for a in token_axes)
+  pad = -t % shards  # padding tokens (expert −1) send nothing
   x, weights = jnp.pad(x, [(0, pad), (0, 0)]), jnp.pad(weights, [(0, pad), (0, 0)])
   ids = jnp.pad(ids, [(0, pad), (0, 0)], constant_values=-1)
-  e_local, t_local = e // devices, (t + pad) // devices
+  e_local, t_local = e // devices, (t + pad) // shards
   cap = capacity(t_local, k, devices, waves, capacity_factor)
 
   def local(x, ids, weights, w1, w2, w3):
@@ -98,9 +106,9 @@ def routed_experts(x, ids, weights, w1, w2, w3, *, swiglu, limit: float, dtype, 
       back = jax.lax.all_to_all(out, AXIS, 0, 0, tiled=True)         # each output to its copy's device
       got = back[jnp.clip(target, 0, devices * cap - 1)] * (mine * weights.reshape(-1))[:, None]
       y = y.at[token].add(got)
-    return y, jax.lax.psum(dropped, AXIS)
+    return y, jax.lax.psum(dropped, token_axes)
 
-  tokens, experts = P(AXIS), P(AXIS)
+  tokens, experts = P(token_axes), P(AXIS)
   y, dropped = jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts, experts, experts),
-                             out_specs=(tokens, P()), axis_names={AXIS})(x, ids, weights, w1, w2, w3)
+                             out_specs=(tokens, P()), axis_names=set(token_axes))(x, ids, weights, w1, w2, w3)
   return y[:t], dropped
