@@ -19,19 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from dsv4_jax.parallel.mesh import axis_size
+
 AXIS = "context"
 ALIGN = 128  # shard length multiple: the largest compression ratio
 
 
 def context_size() -> int:
-  """Shards of the `context` axis in the current mesh (`jax.set_mesh`); 1 without one, or inside
-  `shard_sequence` (where the axis is already manual)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
-    return 1
-  if dict(zip(mesh.axis_names, mesh.axis_types))[AXIS] == jax.sharding.AxisType.Manual:
-    return 1
-  return mesh.shape[AXIS]
+  """Devices of the `context` axis in the current mesh (1: the layers run unsharded; see mesh.axis_size)."""
+  return axis_size(AXIS)
 
 
 def previous_rows(x: jax.Array, m: int, fill) -> jax.Array:

@@ -23,19 +23,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsv4_jax.parallel.mesh import LOGICAL_RULES
+from dsv4_jax.parallel.mesh import LOGICAL_RULES, axis_size
 
 AXIS = "expert"
 
 
 def expert_size() -> int:
-  """Devices of the `expert` axis in the current mesh; 1 without one or inside a manual `expert` region."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
-    return 1
-  if dict(zip(mesh.axis_names, mesh.axis_types))[AXIS] == jax.sharding.AxisType.Manual:
-    return 1
-  return mesh.shape[AXIS]
+  """Devices of the `expert` axis in the current mesh (1: the layers run unsharded; see mesh.axis_size)."""
+  return axis_size(AXIS)
 
 
 def capacity(tokens: int, topk: int, devices: int, waves: int, capacity_factor: float) -> int:

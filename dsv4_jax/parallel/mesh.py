@@ -100,3 +100,14 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...], rules=LOGICAL_RULES) -
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
+
+
+def axis_size(axis: str) -> int:
+  """Devices of mesh axis `axis` in the current mesh (`jax.set_mesh`); 1 without one, and inside a
+  `shard_map` that already made `axis` manual (a parallel scheme is then running)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or axis not in mesh.axis_names:
+    return 1
+  if dict(zip(mesh.axis_names, mesh.axis_types))[axis] == jax.sharding.AxisType.Manual:
+    return 1
+  return mesh.shape[axis]
