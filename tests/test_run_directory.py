@@ -6,8 +6,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from dsv4_jax.config import TrainConfig
 from dsv4_jax.train.checkpoint import (CheckpointRestoreError, RunDirectoryError, TrainCheckpointer,
                                        flatten_named)
 from dsv4_jax.train.loop import init_state, train
+from helpers import train_cli
 
 STEPS = 6
 RUN = {
@@ -42,11 +41,7 @@ def workdir(tmp_path_factory):
 
 def _cli(workdir, run_dir, *flags):
   """`dsv4 train` in a subprocess (sharing one persistent compilation cache) -> (return code, output)."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir / "cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  cmd = [sys.executable, "-m", "dsv4_jax.cli", "train", f"--config={workdir / 'run.yaml'}",
-         f"--set=train.run_dir={run_dir}", "--noprogress", *flags]
-  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  result = train_cli(workdir / "run.yaml", run_dir, workdir / "cache", *flags)
   return result.returncode, result.stdout + result.stderr
 
 

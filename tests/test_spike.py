@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +25,7 @@ from dsv4_jax.train.checkpoint import TrainCheckpointer, flatten_named
 from dsv4_jax.train.loop import init_state
 from dsv4_jax.train.metrics import plot_run, read_metrics, stability_periods
 from dsv4_jax.train.spike import SpikeDetector, StabilityController
+from helpers import train_cli
 from test_anticipatory import small_tiny_run
 
 FAULT = ("--set=stability.fault_step=120", "--set=stability.routing_steps=20")   # kind "batch", delay 2
@@ -132,11 +131,7 @@ def workdir(tmp_path_factory):
 
 def _cli(workdir, run_dir, *flags):
   """`dsv4 train` in a subprocess (one persistent compilation cache for the module) -> its output."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir / "cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  cmd = [sys.executable, "-m", "dsv4_jax.cli", "train", f"--config={workdir / 'run.yaml'}",
-         f"--set=train.run_dir={run_dir}", "--noprogress", *flags]
-  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  result = train_cli(workdir / "run.yaml", run_dir, workdir / "cache", *flags)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
