@@ -96,7 +96,9 @@ def test_tiny_train_yaml_builds_typed_sections():
 
 
 @pytest.mark.parametrize("section, change, message", [
-    ("mesh", {"data": 1}, r"unknown config sections \['mesh'\]"),
+    ("mesh", {"dat": 1}, r"unknown mesh keys \['dat'\]; known keys: \['context', 'data'"),
+    ("mesh", {"data": 0}, r"mesh: axis sizes must be positive, or -1 for the rest of the devices; got \{'data': 0\}"),
+    ("mesh", {"fsdp": -1}, r"mesh: at most one axis may be -1 \(the rest of the devices\), got \['data', 'fsdp'\]"),
     ("data", {"sorce": "text"}, r"unknown data keys \['sorce'\]; known keys: \[.*'source'"),
     ("optimizer", {"lr": 1.0}, r"unknown optimizer keys \['lr'\]; known keys: \[.*'learning_rate'"),
     ("optimizer", {"total_steps": 5}, r"optimizer: keys \['total_steps'\] may not be set here"),
@@ -161,7 +163,7 @@ def test_set_overrides_are_typed(key, text, expected):
     ("optimizer.total_steps", "5", r"optimizer: keys \['total_steps'\] may not be set here"),
     ("curriculum.9.steps", "5", r"index 9 is out of range: the curriculum has 3 stages \(0\.\.2\)"),
     ("curriculum.first.steps", "5", r"expected curriculum\.INDEX\.KEY"),
-    ("mesh.data", "2", r"unknown config section 'mesh'"),
+    ("mesh.data", "two", r"--set mesh\.data=two: expected an integer, got 'two'"),
     ("optimizer", "1", r"expected optimizer\.KEY"),
 ])
 def test_set_override_errors(key, text, message):

@@ -14,6 +14,7 @@ import yaml
 from flax import nnx
 
 from dsv4_jax.config import TrainConfig
+from dsv4_jax.parallel.mesh import make_mesh
 from dsv4_jax.train import curriculum
 from dsv4_jax.train.compile_ahead import CompileAhead
 from dsv4_jax.train.curriculum import StepKind
@@ -86,7 +87,7 @@ def test_stage_plan_keeps_tokens_per_batch():
 
 
 def test_compile_ahead_returns_programs_and_raises_their_errors():
-  compiler = CompileAhead()
+  compiler = CompileAhead(make_mesh(devices=jax.devices()[:1]))
   square = jax.jit(lambda x: x * x)
   compiler.submit("square", lambda: square.lower(jax.ShapeDtypeStruct((3,), jnp.float32)))
   compiler.submit("broken", lambda: square.lower(object()))

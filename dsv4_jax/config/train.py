@@ -10,6 +10,7 @@ import yaml
 
 from dsv4_jax.config.data import DataConfig
 from dsv4_jax.config.errors import ConfigError, check_keys, check_value, field_types, from_mapping, parse_text
+from dsv4_jax.config.mesh import MeshConfig
 from dsv4_jax.config.model import ModelConfig
 from dsv4_jax.config.optimizer import OptimizerConfig
 from dsv4_jax.config.stability import StabilityConfig
@@ -58,12 +59,14 @@ class TrainConfig:
   eval_tokens: held-out tokens per validation: a fixed random sample of packed rows of the
     validation split at the current stage's seq_len (`validation_sample`).
   stability: loss-spike detection, rollback and anticipatory routing (its own YAML section).
+  mesh: the device mesh (its own YAML section; default: data parallel over every device).
   """
   model: ModelConfig
   data: DataConfig
   optimizer: OptimizerConfig
   curriculum: tuple[CurriculumStage, ...]
   stability: StabilityConfig = StabilityConfig()
+  mesh: MeshConfig = MeshConfig()
   tokens_per_batch: int = 8192
   seed: int = 0
   run_dir: str = "runs/tiny"
@@ -93,13 +96,14 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
-    """Builds from the YAML layout: sections model, data, optimizer, curriculum (a list), train, stability.
+    """Builds from the YAML layout: sections model, data, optimizer, curriculum (a list), train, stability,
+    mesh.
 
     `optimizer.total_steps` is always derived from the curriculum.
     """
     if not isinstance(raw, Mapping):
       raise ConfigError(f"expected a mapping of config sections, got {type(raw).__name__}")
-    known = {"model", "data", "optimizer", "curriculum", "train", "stability"}
+    known = {"model", "data", "optimizer", "curriculum", "train", "stability", "mesh"}
     unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
       raise ConfigError(f"unknown config sections {unknown}; expected some of {sorted(known)}")
@@ -114,7 +118,8 @@ class TrainConfig:
     cfg = from_mapping(cls, raw.get("train"), "train", model=from_mapping(ModelConfig, raw["model"], "model"),
                        data=from_mapping(DataConfig, raw.get("data"), "data"), optimizer=OptimizerConfig(),
                        curriculum=stages,
-                       stability=from_mapping(StabilityConfig, raw.get("stability"), "stability"))
+                       stability=from_mapping(StabilityConfig, raw.get("stability"), "stability"),
+                       mesh=from_mapping(MeshConfig, raw.get("mesh"), "mesh"))
     for name in ("tokens_per_batch", "eval_tokens", "log_every"):
       if getattr(cfg, name) < 1:
         raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(cfg, name)}")
@@ -135,7 +140,7 @@ class TrainConfig:
       raw = {}
     if not isinstance(raw, dict):
       raise ConfigError(f"{path}: expected a mapping of config sections (model, data, optimizer, curriculum, "
-                        f"train, stability), got {type(raw).__name__}")
+                        f"train, stability, mesh), got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
       _set_dotted(raw, key, value)
     return cls.from_dict(raw)
@@ -144,8 +149,8 @@ class TrainConfig:
 def _sections() -> dict[str, tuple[type, tuple[str, ...]]]:
   """Override section -> (its dataclass, the fields it may not set: they come from elsewhere)."""
   return {"model": (ModelConfig, ()), "data": (DataConfig, ()), "optimizer": (OptimizerConfig, ("total_steps",)),
-          "train": (TrainConfig, ("model", "data", "optimizer", "curriculum", "stability")),
-          "stability": (StabilityConfig, ())}
+          "train": (TrainConfig, ("model", "data", "optimizer", "curriculum", "stability", "mesh")),
+          "stability": (StabilityConfig, ()), "mesh": (MeshConfig, ())}
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

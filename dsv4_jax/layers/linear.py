@@ -9,12 +9,14 @@ Every parameter carries two pieces of metadata:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.parallel.mesh import logical_spec
 
 
 MUON, ADAMW = "muon", "adamw"
@@ -24,21 +26,36 @@ OPTIMIZERS = (MUON, ADAMW)
 def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], *, optimizer: str,
           std: float | None = None, value: float | None = None, dtype=jnp.float32) -> nnx.Param:
   """An `nnx.Param` of `shape` filled with N(0, std²) noise or the constant `value`, annotated with
-  its logical `axes` and the `optimizer` that updates it (MUON or ADAMW)."""
+  its logical `axes` and the `optimizer` that updates it (MUON or ADAMW).
+
+  Under a mesh (`jax.set_mesh`) the value is created sharded by `axes`: each device computes only its
+  shard, so a model larger than one host's memory can be initialised. The noise is `jax.random`'s
+  (partitionable threefry): the same values on every mesh.
+  """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"param: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
   assert len(shape) == len(axes), (shape, axes)
+  layout = dict(shape=tuple(shape), spec=logical_spec(axes, shape), dtype=jnp.dtype(dtype))
   if value is not None:
-    data = np.full(shape, value, np.float32)
+    data = _constant(value, **layout)
   else:
-    key = rngs.params()
-    if isinstance(key, jax.core.Tracer):  # under jit / eval_shape
-      data = std * jax.random.normal(key, shape, jnp.float32)
-    else:  # eager: draw on the host, avoiding one XLA compilation per parameter shape
-      seed = np.asarray(jax.random.key_data(key)).astype(np.uint32)
-      data = std * np.random.default_rng(seed).standard_normal(shape, np.float32)
-    data = jnp.asarray(data, dtype)
+    data = _normal(rngs.params(), std, **layout)
   return nnx.Param(data, logical_axes=tuple(axes), optimizer=optimizer)
+
+
+# One small program per (shape, layout on the mesh, dtype), shared by every parameter alike.
+@functools.partial(jax.jit, static_argnames=("shape", "spec", "dtype"))
+def _normal(key, std, *, shape, spec, dtype):
+  return _laid_out(std * jax.random.normal(key, shape, jnp.float32), spec).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "spec", "dtype"))
+def _constant(value, *, shape, spec, dtype):
+  return _laid_out(jnp.full(shape, value, jnp.float32), spec).astype(dtype)
+
+
+def _laid_out(x, spec):
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 class Linear(nnx.Module):

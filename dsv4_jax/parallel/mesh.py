@@ -4,7 +4,8 @@ Mesh axes: data (pure data parallel), fsdp (data parallel with sharded parameter
 parallel), tensor (tensor parallel), context (sequence parallel). Parameters carry logical axis names
 in their `logical_axes` metadata (see `dsv4_jax.layers.linear.param`); `LOGICAL_RULES` maps each to
 a mesh axis (or None = replicated). A dimension is only sharded when the mesh axis size divides it,
-so small configs run unchanged on big meshes.
+so small configs run unchanged on big meshes (a dimension is split over the axes of its rule that
+divide it, the others replicate it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "hc_mix": None,
     "hc": None,
     "hc_embed": "fsdp",
+    "layers": None,   # the stacked-layer axis of scanned layer groups
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": "context",
@@ -61,18 +63,20 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, co
 
 def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh,
                     rules: Mapping[str, object] = LOGICAL_RULES) -> P:
-  """PartitionSpec for a value of `shape` with logical `axes`, skipping mesh axes that don't divide it."""
+  """PartitionSpec for a value of `shape` with logical `axes`.
+
+  A dimension is split over the mesh axes its rule names, in order, skipping each axis that would
+  not divide it (e.g. 2 rows over batch axes (data 2, expert 4) are split over data only)."""
   spec, used = [], set()
   for name, dim in zip(axes, shape):
     target = rules.get(name) if name is not None else None
-    targets = (target,) if isinstance(target, str) else tuple(target or ())
-    targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
-    size = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
-    if not targets or dim % size:
-      spec.append(None)
-      continue
+    targets, size = [], 1
+    for t in (target,) if isinstance(target, str) else tuple(target or ()):
+      if t not in used and mesh.shape[t] > 1 and dim % (size * mesh.shape[t]) == 0:
+        targets.append(t)
+        size *= mesh.shape[t]
     used.update(targets)
-    spec.append(targets[0] if len(targets) == 1 else targets)
+    spec.append(None if not targets else targets[0] if len(targets) == 1 else tuple(targets))
   return P(*spec)
 
 
@@ -92,6 +96,16 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES)
   nnx.update(model, jax.tree.map(lambda v, s: jax.device_put(v, s), nnx.to_pure_dict(state),
                                  nnx.to_pure_dict(shardings)))
   return model
+
+
+def logical_spec(axes, shape, rules=LOGICAL_RULES) -> P | None:
+  """The PartitionSpec of logical `axes` on the current mesh (`jax.set_mesh`); None when there is no
+  mesh or the value is not split on it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  spec = logical_to_spec(axes, shape, mesh, rules)
+  return spec if any(entry is not None for entry in spec) else None
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...], rules=LOGICAL_RULES) -> jax.Array:

@@ -26,8 +26,9 @@ from flax import nnx
 from dsv4_jax.train.curriculum import StepKind
 
 
-def make_route_fn(graphdef):
-  """A jitted `route(params, extra, batch, attention) -> [R, B, S, K] int32` (Transformer.route)."""
+def make_route_fn(graphdef, mesh: jax.sharding.Mesh | None = None):
+  """A jitted `route(params, extra, batch, attention) -> [R, B, S, K] int32` (Transformer.route); with a
+  `mesh`, traced on it (`jax.set_mesh`)."""
 
   @functools.partial(jax.jit, static_argnums=3)
   def route(params, extra, batch: dict, attention: str):
@@ -35,7 +36,14 @@ def make_route_fn(graphdef):
     return model.route(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                        attention_mode=attention)
 
-  return route
+  if mesh is None:
+    return route
+
+  def route_on_mesh(*args):
+    with jax.set_mesh(mesh):
+      return route(*args)
+
+  return route_on_mesh
 
 
 class AnticipatoryRouting:

@@ -21,8 +21,9 @@ import jax
 
 
 def shapes_of(tree) -> Any:
-  """The jax.ShapeDtypeStruct (shape, dtype, weak type) of every array leaf of `tree`."""
-  return jax.eval_shape(lambda t: t, tree)
+  """The jax.ShapeDtypeStruct (shape, dtype, sharding, weak type) of every array leaf of `tree`."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding, weak_type=a.weak_type),
+                      tree)
 
 
 class CompileAhead:
@@ -31,10 +32,11 @@ class CompileAhead:
   lower: a no-argument callable returning a `jax.stages.Lowered`, e.g.
     `lambda: step.lower(state_shapes, batch_shapes, kind)`.
   Jobs run one at a time in submission order, so submit them in the order the run needs them.
-  A job's exception is raised by `get`.
+  A job's exception is raised by `get`. `mesh`: the mesh the programs are traced on (`jax.set_mesh`).
   """
 
-  def __init__(self):
+  def __init__(self, mesh: jax.sharding.Mesh):
+    self.mesh = mesh
     self._futures: dict[Hashable, Future] = {}
     self._jobs: queue.Queue = queue.Queue()
     threading.Thread(target=self._work, name="compile-ahead", daemon=True).start()
@@ -45,7 +47,9 @@ class CompileAhead:
       if not future.set_running_or_notify_cancel():
         continue
       try:
-        future.set_result(lower().compile())
+        with jax.set_mesh(self.mesh):
+          lowered = lower()
+        future.set_result(lowered.compile())
       except BaseException as error:   # delivered to the caller of get()
         future.set_exception(error)
 

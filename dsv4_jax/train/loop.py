@@ -31,19 +31,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv4_jax.config import TrainConfig
+from dsv4_jax.config import ConfigError, TrainConfig
 from dsv4_jax.data import (bits_per_byte, corpus_unigram_byte_entropy, load_tokenizer, make_dataset,
                            validation_sample)
 from dsv4_jax.data.packing import empty_row
 from dsv4_jax.layers.model import Transformer
 from dsv4_jax.optim import build_optimizer
 from dsv4_jax.optim.schedule import learning_rate_schedule
+from dsv4_jax.parallel.mesh import make_mesh
 from dsv4_jax.train import curriculum
 from dsv4_jax.train.anticipatory import AnticipatoryRouting, make_route_fn
 from dsv4_jax.train.batch_stream import BatchStream
 from dsv4_jax.train.checkpoint import RunDirectoryError, TrainCheckpointer, clear_run, prepare_run_directory
 from dsv4_jax.train.compile_ahead import CompileAhead, shapes_of
 from dsv4_jax.train.metrics import MetricsWriter, last_record
+from dsv4_jax.train.placement import Placement
 from dsv4_jax.train.spike import Spike, SpikeRecoveryError, StabilityController, copy_params
 from dsv4_jax.train.step import (TrainState, make_eval_step, make_train_step, own_routing, routing_shape,
                                   split_model)
@@ -55,51 +57,66 @@ def config_fingerprint(cfg: TrainConfig) -> str:
                               cfg.seed)).encode()).hexdigest()[:16]
 
 
-def init_state(cfg: TrainConfig):
-  """-> (graphdef, TrainState, optimizer): the model initialised from `cfg.seed`.
+def run_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
+  """The device mesh of `cfg.mesh` over all devices (ConfigError if it does not fit them or the model)."""
+  sizes = cfg.mesh.axis_sizes(jax.device_count())
+  if cfg.model.n_routed_experts % sizes["expert"]:
+    raise ConfigError(f"mesh.expert: {sizes['expert']} devices must divide model.n_routed_experts "
+                      f"({cfg.model.n_routed_experts}): each holds the same number of experts")
+  return make_mesh(**sizes)
 
-  Built eagerly: parameters are drawn on the host (layers/linear.py), which for the tiny config
-  takes 0.7 s where compiling the initialiser under jit takes 13 s.
+
+def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None):
+  """-> (graphdef, TrainState, optimizer): the model initialised from `cfg.seed`, laid out on `mesh`
+  (placement.py; default: the first device).
+
+  Every parameter is drawn directly into its shards (layers/linear.py: the same values on every mesh)
+  and the optimizer state is created by one jitted init with the parameters' shardings, so no host
+  or device ever holds more than its own part of the state.
   """
-  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  mesh = mesh or make_mesh(devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   graphdef, params, extra = split_model(model)
   tx = build_optimizer(cfg.optimizer, params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra, opt_state=tx.init(params))
+  layout = Placement.of(mesh, params, extra, tx).state
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), layout.step),
+                     params=jax.device_put(params, layout.params), extra=jax.device_put(extra, layout.extra),
+                     opt_state=jax.jit(tx.init, out_shardings=layout.opt_state)(params))
   return graphdef, state, tx
 
 
-def _to_device(batch: dict) -> dict:
-  return {k: jnp.asarray(v) for k, v in batch.items()}
-
-
-def evaluate(evaluate_fn, state: TrainState, batches: list[dict]) -> dict:
+def evaluate(evaluate_fn, state: TrainState, batches: list[dict], placement: Placement) -> dict:
   """Validation loss (nats/token) and bits per byte over `batches` (a `validation_sample`).
 
   evaluate_fn(params, extra, batch) -> (loss sum in nats, target count, target bytes).
   """
   loss_sum = count = n_bytes = 0.0
   for batch in batches:
-    s, c, b = evaluate_fn(state.params, state.extra, _to_device(batch))
+    s, c, b = evaluate_fn(state.params, state.extra, placement.batch(batch))
     loss_sum, count, n_bytes = loss_sum + float(s), count + float(c), n_bytes + float(b)
   return {"loss": loss_sum / max(count, 1.0), "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
           "tokens": count, "seq_len": batches[0]["input_ids"].shape[1]}
 
 
-def _batch_shapes(batch_size: int, seq_len: int) -> dict:
-  return {key: jax.ShapeDtypeStruct((batch_size, seq_len), value.dtype)
+def _batch_shapes(batch_size: int, seq_len: int, placement: Placement) -> dict:
+  sharding = placement.batch_sharding((batch_size, seq_len))
+  return {key: jax.ShapeDtypeStruct((batch_size, seq_len), value.dtype, sharding=sharding)
           for key, value in empty_row(seq_len, 0).items()}
 
 
-def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState, first: int,
-                   total: int) -> CompileAhead:
+def _compile_ahead(cfg: TrainConfig, plans, step_fn, eval_fn, state: TrainState, placement: Placement,
+                   first: int, total: int) -> CompileAhead:
   """Queues, in the order the run needs them, the train steps of global steps [first, total) and
   the evaluations among them. Keys: ("train", stage index, step kind), ("eval", stage index, attention).
-  A train step takes (state, batch, routing indices): anticipated, or all −1 (the routers choose)."""
-  compiler = CompileAhead()
+  A train step takes (state, batch, routing indices): anticipated, or all −1 (the routers choose).
+  Every input shape carries its sharding (placement.py), so each program is compiled for the mesh."""
+  compiler = CompileAhead(placement.mesh)
   state_shapes = shapes_of(state)
   for plan in plans:
-    batch = _batch_shapes(plan.batch_size, plan.stage.seq_len)
-    routing = jax.ShapeDtypeStruct(routing_shape(cfg.model, plan.batch_size, plan.stage.seq_len), jnp.int32)
+    batch = _batch_shapes(plan.batch_size, plan.stage.seq_len, placement)
+    shape = routing_shape(cfg.model, plan.batch_size, plan.stage.seq_len)
+    routing = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=placement.routing_sharding(shape))
     for kind in plan.kinds(first, total):
       compiler.submit(("train", plan.index, kind),
                       functools.partial(step_fn.lower, state_shapes, batch, kind, routing))
@@ -132,11 +149,13 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds model.vocab_size {cfg.model.vocab_size}")
   plans = curriculum.plan(cfg)
-  graphdef, state, tx = init_state(cfg)
+  mesh = run_mesh(cfg)
+  graphdef, state, tx = init_state(cfg, mesh)
+  placement = Placement.of(mesh, state.params, state.extra, tx)
   schedule = learning_rate_schedule(cfg.optimizer)
   decay_start = cfg.optimizer.decay_start_step
-  step_fn = make_train_step(graphdef, tx, cfg, decay_start)
-  eval_fn = make_eval_step(graphdef)
+  step_fn = make_train_step(graphdef, tx, cfg, decay_start, placement.state)
+  eval_fn = make_eval_step(graphdef, mesh)
   if overwrite:   # only now: a config that fails above leaves the old run in place
     clear_run(cfg.run_dir, log)
   os.makedirs(cfg.run_dir, exist_ok=True)
@@ -182,11 +201,11 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   if metrics.dropped:
     log(f"metrics.jsonl: dropped {metrics.dropped} record(s) after step {resumed_at} (written after that "
         f"checkpoint; the resumed run writes them again)")
-  compiled = _compile_ahead(cfg, plans, step_fn, eval_fn, state, step, total)
+  compiled = _compile_ahead(cfg, plans, step_fn, eval_fn, state, placement, step, total)
   controller = StabilityController(cfg.stability)
   controller.load(stability.get("controller"))
-  anticipation = AnticipatoryRouting(make_route_fn(graphdef), cfg.stability.routing_delay,
-                                     lambda s: curriculum.stage_at(plans, s).kind(s), _to_device)
+  anticipation = AnticipatoryRouting(make_route_fn(graphdef, mesh), cfg.stability.routing_delay,
+                                     lambda s: curriculum.stage_at(plans, s).kind(s), placement.batch)
   anticipation.load(stability.get("anticipation"), routing_arrays)
   stream = BatchStream(lambda plan: make_dataset(cfg.data, plan.stage.seq_len, plan.batch_size, tokenizer,
                                                  split="train", shard_index=jax.process_index(),
@@ -209,6 +228,8 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
       if plan is None or not plan.start <= step < plan.end:
         plan = curriculum.stage_at(plans, step)
         log(f"[curriculum] {plan.describe()}")
+        if mesh.size > 1:
+          log(f"[mesh] {placement.describe(plan.batch_size, plan.stage.seq_len)}")
         window_start, window_tokens = time.time(), 0.0
       kind = plan.kind(step)
       controller.maybe_snapshot(step, state, stream.position(), first=first)
@@ -219,11 +240,12 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
         if plan.index not in own:
           own[plan.index] = own_routing(cfg.model, plan.batch_size, plan.stage.seq_len)
         routing = own[plan.index]
+      routing = placement.routing(routing)
       batch = stream.next()
       if controller.fault_due(step + 1, "batch"):
         batch = controller.corrupt_batch(batch, tokenizer.vocab_size)
         log(f"[stability] step {step + 1}: fault injection (stability.fault_step): random targets in this batch")
-      batch = _to_device(batch)
+      batch = placement.batch(batch)
       before = copy_params(state.params) if controller.fault_due(step + 1, "update") else None
       state, m = compiled.get(("train", plan.index, kind))(state, batch, routing)
       if before is not None:
@@ -266,7 +288,7 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
           eval_batches[plan.index] = validation_sample(cfg.data, plan.stage.seq_len, plan.batch_size,
                                                        max(1, cfg.eval_tokens // plan.stage.seq_len), tokenizer)
         evaluate_fn = compiled.get(("eval", plan.index, plan.kind(step - 1).attention))
-        last_eval = evaluate(evaluate_fn, state, eval_batches[plan.index])
+        last_eval = evaluate(evaluate_fn, state, eval_batches[plan.index], placement)
         metrics.write(step, "eval", last_eval)
         log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
       data_state = stream.position()

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv4_jax.config import ModelConfig, TrainConfig
 from dsv4_jax.train.curriculum import StepKind
@@ -66,10 +67,14 @@ def _indexer_only(tree):
   return jax.tree.map(keep, tree, is_leaf=_is_variable)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, decay_start: int):
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, decay_start: int,
+                    state_sharding: TrainState | None = None):
   """A jitted `step(state, batch, kind, routing=None) -> (state, metrics)`; `kind` (a StepKind) is
   static; `routing` [R, B, S, K]: the batch's expert indices per score-routed layer (−1 rows, or None,
-  a separate compilation: the routers choose)."""
+  a separate compilation: the routers choose). The input state is donated.
+
+  state_sharding: a TrainState of NamedSharding (train/placement.py); the output state is laid out
+  exactly so (the inputs keep theirs), the metrics are replicated. Trace it under `jax.set_mesh`."""
 
   def loss_fn(params, extra, batch, kind: StepKind, step, routing):
     model = nnx.merge(graphdef, params, extra)
@@ -81,7 +86,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
                              indexer_weight=cfg.indexer_loss_weight, indexer_only=kind.indexer_only)
     return losses["total"], (losses, out.aux)
 
-  @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
+  @functools.partial(jax.jit, static_argnums=2, donate_argnums=0, out_shardings=_with_replicated(state_sharding))
   def step(state: TrainState, batch: dict, kind: StepKind, routing: jax.Array | None = None):
     grads, (losses, aux) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.extra, batch, kind, state.step, routing)
@@ -103,10 +108,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
   return step
 
 
-def make_eval_step(graphdef):
-  """A jitted `eval(params, extra, batch, attention) -> (loss sum in nats, target count, target bytes)`."""
+def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None):
+  """A jitted `eval(params, extra, batch, attention) -> (loss sum in nats, target count, target bytes)`;
+  with a `mesh`, the three sums are replicated on it."""
 
-  @functools.partial(jax.jit, static_argnums=3)
+  @functools.partial(jax.jit, static_argnums=3, out_shardings=None if mesh is None else _replicated(mesh))
   def evaluate(params, extra, batch, attention: str):
     model = nnx.merge(graphdef, params, extra)
     out = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
@@ -117,3 +123,14 @@ def make_eval_step(graphdef):
     return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(batch["target_bytes"] * mask)
 
   return evaluate
+
+
+def _replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _with_replicated(state_sharding: TrainState | None):
+  """out_shardings of the train step: (the state's layout, replicated metrics); None: XLA chooses."""
+  if state_sharding is None:
+    return None
+  return state_sharding, _replicated(state_sharding.step.mesh)

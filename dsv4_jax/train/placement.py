@@ -1,0 +1,91 @@
+"""Where a run's arrays live on the device mesh: the train state, batches, routing indices, metrics.
+
+  parameters      by their logical axes (`parallel.mesh.state_shardings`, LOGICAL_RULES)
+  optimizer state each per-parameter leaf (momentum, Adam moments) like its parameter; counts replicated
+  batch [B, S]    rows over the batch axes (data, fsdp, expert: those that divide B), the sequence over
+                  context; built from each process's own rows (`jax.make_array_from_process_local_data`)
+  routing         [R, B, S, K] like the batch
+  metrics, step   replicated
+The train and eval steps are compiled with exactly these shardings (train/step.py), so a step's output
+state has the layout of its input and the donated buffers are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsv4_jax.parallel.mesh import logical_to_spec, state_shardings
+from dsv4_jax.train.step import TrainState
+
+BATCH_AXES = ("batch", "seq")
+ROUTING_AXES = (None, "batch", "seq", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """The shardings of one run on `mesh`. state: a TrainState of NamedSharding."""
+  mesh: jax.sharding.Mesh
+  state: TrainState
+
+  @classmethod
+  def of(cls, mesh: jax.sharding.Mesh, params, extra, tx: optax.GradientTransformation) -> "Placement":
+    """The placement of a train state with these `params` / `extra` (nnx.State, arrays or shapes)."""
+    replicated = NamedSharding(mesh, P())
+    param_shardings = state_shardings(params, mesh)
+    opt_state = optax.tree_utils.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return cls(mesh, TrainState(step=replicated, params=param_shardings, extra=state_shardings(extra, mesh),
+                                opt_state=opt_state))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(self.mesh, logical_to_spec(BATCH_AXES, shape, self.mesh))
+
+  def routing_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(self.mesh, logical_to_spec(ROUTING_AXES, shape, self.mesh))
+
+  def batch_shardings(self, batch: dict) -> dict:
+    """A NamedSharding per array of a batch (arrays or shapes)."""
+    return {key: self.batch_sharding(value.shape) for key, value in batch.items()}
+
+  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays laid out by `batch_sharding`.
+
+    With one process `rows` is the whole batch; with several, each passes its own consecutive rows.
+    """
+    return {key: jax.make_array_from_process_local_data(self.batch_sharding(self._global(value.shape)),
+                                                        np.asarray(value), self._global(value.shape))
+            for key, value in rows.items()}
+
+  def routing(self, ids: jax.Array) -> jax.Array:
+    """Routing indices [R, B, S, K] (from a route step, a checkpoint or −1s) laid out for the train step."""
+    return jax.device_put(ids, self.routing_sharding(ids.shape))
+
+  def put_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state, self.state)
+
+  @staticmethod
+  def _global(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0] * jax.process_count(), *shape[1:])
+
+  def describe(self, batch_size: int, seq_len: int) -> str:
+    """One line: the mesh and how a [batch_size, seq_len] batch is split (replicated axes named)."""
+    spec = logical_to_spec(BATCH_AXES, (batch_size, seq_len), self.mesh)
+    used = {axis for entry in spec if entry for axis in ((entry,) if isinstance(entry, str) else entry)}
+    idle = [f"{axis} {size}" for axis, size in self.mesh.shape.items()
+            if size > 1 and axis in ("data", "fsdp", "expert", "context") and axis not in used]
+    sizes = ", ".join(f"{axis} {size}" for axis, size in self.mesh.shape.items() if size > 1) or "1 device"
+    line = f"mesh ({sizes}); batch [{batch_size}, {seq_len}] split as {tuple(spec)}"
+    if idle:
+      line += f" (does not divide over {', '.join(idle)}: those devices compute copies)"
+    return line
