@@ -67,10 +67,11 @@ def forward_fn(model: Transformer, **call_kwargs):
   return lambda ids, **kw: run(state, ids, **kw)
 
 
-def train_cli(config, run_dir, cache_dir, *flags) -> subprocess.CompletedProcess:
-  """`dsv4 train --config=config --set=train.run_dir=run_dir --noprogress *flags` in a subprocess; runs that
-  share `cache_dir` share one persistent compilation cache (later runs skip XLA's compile)."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+def train_cli(config, run_dir, cache_dir, *flags, env=None) -> subprocess.CompletedProcess:
+  """`dsv4 train --config=config --set=train.run_dir=run_dir --noprogress *flags` in a subprocess (its
+  environment: `env`, default this one's); runs that share `cache_dir` share one persistent compilation
+  cache (later runs skip XLA's compile)."""
+  env = {**(os.environ if env is None else env), "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   cmd = [sys.executable, "-m", "dsv4_jax.cli", "train", f"--config={config}", f"--set=train.run_dir={run_dir}",
          "--noprogress", *flags]

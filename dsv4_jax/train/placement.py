@@ -38,9 +38,11 @@ class Placement:
     """The placement of a train state with these `params` / `extra` (nnx.State, arrays or shapes)."""
     replicated = NamedSharding(mesh, P())
     param_shardings = state_shardings(params, mesh)
+    # Per-parameter leaves (masked ones, of the other optimizer group, hold nothing) take the parameter's.
     opt_state = optax.tree_utils.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
-        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        tx, lambda leaf, sharding: jax.tree.map(lambda _: sharding, leaf), jax.eval_shape(tx.init, params),
+        param_shardings, transform_non_params=lambda leaf: jax.tree.map(lambda _: replicated, leaf),
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
     return cls(mesh, TrainState(step=replicated, params=param_shardings, extra=state_shardings(extra, mesh),
                                 opt_state=opt_state))
 
