@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["dsv4_jax", "dsv4_jax.*", "pallas_kernels", "pallas_kernels.*"])
     + ["dsv4_jax.configs"],
     package_dir={"dsv4_jax.configs": "configs"},
-    package_data={"dsv4_jax.configs": ["*.yaml"]},
+    package_data={"dsv4_jax.configs": ["*.yaml", "meshes/*.yaml"]},
     include_package_data=False,
     install_requires=[
         "jax>=0.10",

@@ -26,11 +26,15 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dsv4_jax.config import ModelConfig  # noqa: E402
+import optax  # noqa: E402
+
+from dsv4_jax.config import ModelConfig, TrainConfig  # noqa: E402
 from dsv4_jax.config.shipped import resolve_config  # noqa: E402
 from dsv4_jax.layers.attention import Attention  # noqa: E402
 from dsv4_jax.layers.moe import MoE  # noqa: E402
 from dsv4_jax.parallel import context, expert, make_mesh, shard_model  # noqa: E402
+from dsv4_jax.train.compile_ahead import shapes_of  # noqa: E402
+from dsv4_jax.train.loop import init_state  # noqa: E402
 
 KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
@@ -97,6 +101,22 @@ def attention_program(cfg: ModelConfig, seq: int, mesh) -> str:
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, pos).compile().as_text()
 
 
+def optimizer_program(mesh) -> tuple[str, int]:
+  """The tiny config's optimizer update (clipping, Muon, AdamW) of the whole model, its state sharded as
+  `dsv4 train` shards it on `mesh` -> (compiled HLO, parameter bytes)."""
+  cfg = TrainConfig.from_yaml(resolve_config("tiny"))
+  _, state, tx = init_state(cfg, mesh)
+  shapes = shapes_of(state)
+
+  def update(params, grads, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(update).lower(shapes.params, shapes.params, shapes.opt_state).compile().as_text()
+  return hlo, sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state.params))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq", type=int, default=4096, help="sequence length of the attention layer")
@@ -121,6 +141,13 @@ def main():
         print(f"{name:10s} {layer:14s} {size:6d} {kind:19s} {a:10.2f} {e:13.2f}")
     print(f"{name:10s} {layer:14s} {size:6d} {'total':19s} {sum(auto.values()) / 2**20:10.2f} "
           f"{sum(explicit.values()) / 2**20:13.2f}")
+  print("\noptimizer update of the whole tiny model (Muon's Newton-Schulz on sharded matrices, AdamW), the state "
+        "sharded as dsv4 train shards it")
+  for sizes in (dict(fsdp=8), dict(data=2, fsdp=2, tensor=2), dict(expert=4, fsdp=2)):
+    hlo, param_bytes = optimizer_program(make_mesh(**sizes))
+    moved = collective_bytes(hlo)
+    kinds = ", ".join(f"{kind} {moved[kind] / 2**20:.2f}" for kind in KINDS if moved.get(kind))
+    print(f"  {sizes}: parameters {param_bytes / 2**20:.2f} MiB; collectives MiB: {kinds or 'none'}")
 
 
 if __name__ == "__main__":

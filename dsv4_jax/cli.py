@@ -44,11 +44,14 @@ def info(argv):
 
 @command("train")
 def train(argv):
-  """dsv4 train --config CONFIG [--set key=value ...] [--resume[=auto] | --overwrite]: train (see configs/tiny.yaml)."""
+  """dsv4 train --config CONFIG [--mesh PRESET] [--set key=value ...] [--resume[=auto] | --overwrite]: train."""
   from absl import flags
   flags.DEFINE_string("config", "tiny", "tiny, flash, pro (shipped) or a training YAML (model, data, optimizer, "
                       "curriculum, train); an existing path wins over a shipped name")
   flags.DEFINE_multi_string("set", [], "override, e.g. --set optimizer.learning_rate=1e-3 --set curriculum.0.steps=50")
+  flags.DEFINE_string("mesh", None, "device mesh preset replacing the config's mesh section: data, fsdp, "
+                      "fsdp_expert8, fsdp_context4 (shipped, configs/meshes/) or a YAML file with a mesh: section; "
+                      "--set mesh.AXIS=N applies after it")
   flags.DEFINE_enum("resume", "false", ["true", "false", "auto"],
                     "continue the run in train.run_dir from its newest checkpoint that restores: bare --resume "
                     "(= true) requires a checkpoint; --resume=auto resumes if there is one and starts a new "
@@ -66,10 +69,12 @@ def train(argv):
       resume_args.append({"--resume": "--resume=true", "-resume": "--resume=true", "--noresume": "--resume=false",
                           "-noresume": "--resume=false"}.get(arg, arg))
   flags.FLAGS(resume_args)
-  from dsv4_jax.config import TrainConfig
-  from dsv4_jax.config.shipped import resolve_config
+  from dsv4_jax.config import MeshConfig, TrainConfig
+  from dsv4_jax.config.shipped import resolve_config, resolve_mesh
 
   overrides = {}
+  if flags.FLAGS.mesh:
+    overrides = {f"mesh.{axis}": size for axis, size in MeshConfig.from_yaml(resolve_mesh(flags.FLAGS.mesh)).items()}
   for item in flags.FLAGS.set:
     if "=" not in item:
       raise SystemExit(f"--set {item!r}: expected key=value")

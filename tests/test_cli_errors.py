@@ -73,6 +73,8 @@ CASES = [
      r"mesh: axis sizes \{'data': 2, 'fsdp': 1, 'expert': 1, 'tensor': 1, 'context': 1\} multiply to 2, but 1 "
      r"devices are available; set one axis to -1 to take the rest"),
     (["train", "--set", "mesh.data=1", "--set", "mesh.fsdp=0"], 2, r"mesh: axis sizes must be positive"),
+    (["train", "--mesh", "nosuch"], 2, r"--mesh nosuch: no such file, and not a shipped mesh preset \(data, fsdp, "),
+    (["train", "--mesh", "{tmp}/model_key.yaml"], 2, r"model_key\.yaml: expected a mesh preset, a mapping with a `mesh:` section"),
     (["train", "--set", "data.source=jsonl", "--set", "data.paths={tmp}/bad.jsonl", "--set", "train.run_dir={tmp}/r1"],
      1, r"bad\.jsonl:2: invalid JSON \(Expecting value at column 1\); expected one JSON object per line"),
     (["train", "--set", "data.source=text", "--set", "data.paths={tmp}/empty", "--set", "train.run_dir={tmp}/r2"], 1,

@@ -7,6 +7,7 @@ the wheel's code runs under `python -S` (no site, no .pth files) with sys.path =
 directory), the install directory, then the venv's site-packages for the dependencies."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -72,10 +73,11 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
   assert tiny == str(target / "dsv4_jax" / "configs" / "tiny.yaml"), tiny
 
   run_dir = tmp_path / "run"
-  _run(python + ["-m", "dsv4_jax.cli", "train", "--config", "tiny", "--max_steps", "2", "--progress=false",
+  _run(python + ["-m", "dsv4_jax.cli", "train", "--config", "tiny", "--mesh", "fsdp", "--max_steps", "2", "--progress=false",
                  "--set", f"train.run_dir={run_dir}", "--set", "train.eval_every=0",
                  *SMALL], cwd, run_env)
-  assert os.path.isfile(run_dir / "config.json")
+  with open(run_dir / "config.json") as f:
+    assert json.load(f)["mesh"]["fsdp"] == -1   # the shipped preset configs/meshes/fsdp.yaml
   proc = _run(python + ["-m", "dsv4_jax.cli", "cache-size", "--config", "flash", "--context", "4096"],
               cwd, run_env)
   assert proc.stdout.strip()

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
-from dsv4_jax.config.errors import ConfigError
+import yaml
+
+from dsv4_jax.config.errors import ConfigError, from_mapping
 
 AXES = ("data", "fsdp", "expert", "tensor", "context")
 
@@ -36,6 +39,16 @@ class MeshConfig:
     rest = [axis for axis, size in self.items() if size == -1]
     if len(rest) > 1:
       raise ConfigError(f"mesh: at most one axis may be -1 (the rest of the devices), got {rest}")
+
+  @classmethod
+  def from_yaml(cls, path: str | os.PathLike) -> "MeshConfig":
+    """A mesh preset: a YAML file whose `mesh:` section holds axis sizes (configs/meshes/*.yaml)."""
+    with open(path) as f:
+      raw = yaml.safe_load(f)
+    if not isinstance(raw, dict) or not isinstance(raw.get("mesh"), dict):
+      raise ConfigError(f"{path}: expected a mesh preset, a mapping with a `mesh:` section of axis sizes "
+                        f"({', '.join(AXES)})")
+    return from_mapping(cls, raw["mesh"], f"{path}: mesh")
 
   def items(self) -> list[tuple[str, int]]:
     return [(axis, getattr(self, axis)) for axis in AXES]

@@ -1,13 +1,16 @@
-"""The configs shipped with the package: the top-level configs/*.yaml, installed as the data-only
-package `dsv4_jax.configs` (setup.py `package_dir`), so a bare `--config tiny|flash|pro` works from a
-wheel as well as from a checkout (editable install)."""
+"""The configs shipped with the package: the top-level configs/*.yaml and the mesh presets
+configs/meshes/*.yaml, installed as the data-only package `dsv4_jax.configs` (setup.py `package_dir`),
+so a bare `--config tiny|flash|pro` or `--mesh fsdp` works from a wheel as well as from a checkout."""
 
 from __future__ import annotations
 
 import os
 from importlib import resources
 
+from dsv4_jax.config.errors import ConfigError
+
 SHIPPED = ("tiny", "flash", "pro")
+MESH_PRESETS = ("data", "fsdp", "fsdp_expert8", "fsdp_context4")
 
 
 def shipped_config(name: str) -> str:
@@ -24,3 +27,14 @@ def resolve_config(name_or_path: str | os.PathLike) -> str:
   if os.path.exists(path) or path not in SHIPPED:
     return path
   return shipped_config(path)
+
+
+def resolve_mesh(name_or_path: str | os.PathLike) -> str:
+  """`--mesh` value -> a path: an existing path wins, then a preset name (MESH_PRESETS); ConfigError if
+  it is neither."""
+  path = os.fspath(name_or_path)
+  if os.path.exists(path):
+    return path
+  if path not in MESH_PRESETS:
+    raise ConfigError(f"--mesh {path}: no such file, and not a shipped mesh preset ({', '.join(MESH_PRESETS)})")
+  return str(resources.files("dsv4_jax.configs").joinpath("meshes", f"{path}.yaml"))
