@@ -76,15 +76,19 @@ def test_bash_block_runs(index, tmp_path):
         assert command == _ci_test_command()
         continue
       args = shlex.split(command)
+      env = dict(ENV)
+      while re.fullmatch(r"[A-Z_]+=\S*", args[0]):   # VAR=value before the command
+        key, value = args.pop(0).split("=", 1)
+        env[key] = value
       assert args[0] == "dsv4", command
       args = [sys.executable, "-m", "dsv4_jax.cli", *args[1:]] + (SMALL if args[1] == "train" else [])
-      proc = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+      proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
       assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
 
 def test_prose_commands_are_synopses_or_run_in_a_block():
   run = [c for kind, code in BLOCKS if kind == "bash" for line in _commands(code) for c in line.split("&&")]
-  run = [c.strip() for c in run]
+  run = [re.sub(r"^([A-Z_]+=\S* )+", "", c.strip()) for c in run]
   spans = re.findall(r"`(dsv4 [^`]*)`", PROSE)
   assert len(spans) >= 8, spans
   for span in spans:

@@ -42,7 +42,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 def train_config_from_json(raw: Mapping[str, Any], source: str = CONFIG_FILE) -> TrainConfig:
   """The TrainConfig of a run's config.json (the flat `dataclasses.asdict` layout) -> TrainConfig.
 
-  Converted to the YAML layout (model, data, optimizer, curriculum, stability, train) and built with
+  Converted to the YAML layout (model, data, optimizer, curriculum, stability, mesh, train) and built with
   `TrainConfig.from_dict`, which checks every key and value again.
   """
   if not isinstance(raw, Mapping):
@@ -53,11 +53,12 @@ def train_config_from_json(raw: Mapping[str, Any], source: str = CONFIG_FILE) ->
     raise ConfigError(f"{source}: not a training run config (missing {missing})")
   optimizer = dict(raw["optimizer"] or {})
   optimizer.pop("total_steps", None)   # derived from the curriculum by from_dict
-  nested = sections + ("stability",)   # stability: absent from runs written before it existed
+  nested = sections + ("stability", "mesh")   # stability, mesh: absent from runs written before they existed
   try:
     return TrainConfig.from_dict({
         "model": raw["model"], "data": raw["data"], "optimizer": optimizer, "curriculum": raw["curriculum"],
-        "stability": raw.get("stability"), "train": {k: v for k, v in raw.items() if k not in nested}})
+        "stability": raw.get("stability"), "mesh": raw.get("mesh"),
+        "train": {k: v for k, v in raw.items() if k not in nested}})
   except ConfigError as e:
     raise ConfigError(f"{source}: {e}") from None
 
