@@ -19,6 +19,7 @@ from dsv4_jax.config.errors import ConfigError, from_mapping
 _SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 _KERNELS = ("auto", "pallas", "xla")
 _DTYPES = ("float32", "bfloat16", "float16")
+_REMAT = ("none", "full", "save_dots")  # the keys of layers/layer_groups.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,8 @@ class ModelConfig:
   moe_waves: int = 1  # expert parallelism: dispatch / compute / combine in this many overlapping waves
   moe_capacity_factor: float = 2.0  # expert parallelism: slots per destination = factor × its fair share
   qat: bool = False  # simulate the released model's FP8 KV / FP4 indexer quantisation
+  scan_layers: bool = False  # consecutive layers of one kind as one jax.lax.scan (layers/layer_groups.py)
+  remat: str = "none"  # rematerialisation of every block in the backward pass: none | full | save_dots
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -129,6 +132,8 @@ class ModelConfig:
     need(self.kernels in _KERNELS, f"kernels: expected one of {_KERNELS}, got {self.kernels!r}")
     need(self.moe_waves >= 1, f"moe_waves: expected a positive integer, got {self.moe_waves}")
     need(self.moe_capacity_factor > 0, f"moe_capacity_factor: expected > 0, got {self.moe_capacity_factor}")
+    need(isinstance(self.scan_layers, bool), f"scan_layers: expected true or false, got {self.scan_layers!r}")
+    need(self.remat in _REMAT, f"remat: expected one of {_REMAT}, got {self.remat!r}")
     need(self.dtype in _DTYPES, f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
     need(self.param_dtype in _DTYPES, f"param_dtype: expected one of {_DTYPES}, got {self.param_dtype!r}")
 
@@ -216,7 +221,7 @@ class ModelConfig:
   def to_hf_config(self) -> dict[str, Any]:
     """The hub `config.json` dict for this config (what `save_checkpoint` writes)."""
     ours = {"dtype", "param_dtype", "attention_chunk_size", "kernels", "moe_waves", "moe_capacity_factor", "qat",
-            "init_std",
+            "scan_layers", "remat", "init_std",
             "yarn_factor", "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow"}
     hf = {k: v for k, v in dataclasses.asdict(self).items() if k not in ours}
     hf["compress_ratios"] = list(self.compress_ratios)

@@ -5,6 +5,8 @@ shards) `model.safetensors.index.json` mapping each tensor name to its shard. Te
 released ones (`layers.3.attn.compressor.wkv.weight`, `layers.0.ffn.experts.17.w1.weight`, …).
 Quantised weights carry block scales beside them (`layers.3.attn.wq_a.weight` F8_E4M3 with
 `layers.3.attn.wq_a.scale`; see `dsv4_jax.convert.quant`); `tid2eid` may be int64 or int32.
+A model with `scan_layers` (stacked layer groups, layers/layer_groups.py) is saved under the same
+per-layer names, and loaded from them, each stacked parameter read layer by layer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dsv4_jax.convert.names import path_to_name, to_released
 from dsv4_jax.convert.quant import (WEIGHT_FP4_BLOCK, WEIGHT_FP8_TILE, StoredTensor, fp4_scale_shape,
                                     fp8_scale_shape)
 from dsv4_jax.convert.safetensors_reader import SafetensorsFile
+from dsv4_jax.layers.layer_groups import plan_layer_groups, unrolled_paths, unstack_layers
 from dsv4_jax.layers.model import Transformer
 from dsv4_jax.parallel.mesh import logical_to_spec
 
@@ -41,8 +44,9 @@ def _model_variables(model_or_state) -> dict[str, nnx.Variable]:
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Released tensor name -> (shape, dtype name) for a model of `cfg` (no allocation)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  """Released tensor name -> (shape, dtype name) for a model of `cfg` (no allocation; the same names
+  whether or not cfg scans its layers)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
   out = {}
   for name, var in _model_variables(abstract).items():
     shape, dtype = tuple(var.value.shape), str(var.value.dtype)
@@ -65,7 +69,7 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, *, dtype: str |
   os.makedirs(path, exist_ok=True)
   cfg = model.cfg
   tensors: dict[str, np.ndarray] = {}
-  for name, var in _model_variables(model).items():
+  for name, var in _model_variables(unstack_layers(nnx.state(model), cfg)).items():
     value = np.asarray(jax.device_get(var[...]))
     if dtype is not None and np.issubdtype(value.dtype, np.floating):
       value = value.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
@@ -234,7 +238,7 @@ def _plan(expected: dict, weight_map: dict[str, str], files: dict[str, Safetenso
 
 
 def _reader(plan: dict[str, StoredTensor], released: list[str], stacked: bool, target: np.dtype):
-  """index -> the parameter's values at `index`, reading only that slice (only those experts)."""
+  """index -> one layer's parameter values at `index`, reading only that slice (only those experts)."""
 
   def read(index: tuple[slice, ...]) -> np.ndarray:
     if stacked:
@@ -243,6 +247,15 @@ def _reader(plan: dict[str, StoredTensor], released: list[str], stacked: bool, t
     else:
       value = plan[released[0]].read(index)
     return value.astype(target)
+
+  return read
+
+
+def _layers_reader(readers: list):
+  """Per-layer readers -> the reader of those layers stacked on a leading axis (a scanned layer group)."""
+
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    return np.stack([readers[k](index[1:]) for k in range(len(readers))[index[0]]])
 
   return read
 
@@ -256,7 +269,8 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", qat: bool = F
   ("float32" or "bfloat16", also the compute dtype). qat: simulate the released model's FP8 KV /
   FP4 indexer quantisation. mesh: place every parameter straight onto its sharding from the logical
   axis rules; each device's slice is read from the memory-mapped shards on its own, so the host never
-  holds the whole model. Other keyword arguments override config fields.
+  holds the whole model. Other keyword arguments override config fields (e.g. scan_layers=True: the
+  stacked layer groups are filled from the per-layer tensors).
 
   Raises ConfigError for a config.json that is unreadable, not JSON, or lacks an architecture key
   (naming the file and the keys), and CheckpointError for everything else, naming the file and, where
@@ -276,12 +290,16 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", qat: bool = F
   plan = _plan(expected, weight_map, files, path)
 
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  groups = plan_layer_groups(cfg)
   flat = []
   for p, var in nnx.to_flat_state(state):
-    name = path_to_name(p)
     shape, target = tuple(var.value.shape), np.dtype(var.value.dtype)
-    released = to_released(name, cfg.n_routed_experts)
-    read = _reader(plan, released, len(released) > 1, target)
+    layer_paths, stacked = unrolled_paths(p, groups)
+    readers = []
+    for layer_path in layer_paths:
+      released = to_released(path_to_name(layer_path), cfg.n_routed_experts)
+      readers.append(_reader(plan, released, len(released) > 1, target))
+    read = _layers_reader(readers) if stacked else readers[0]
     if mesh is None:
       value = jnp.asarray(read(tuple(slice(None) for _ in shape)))
     else:

@@ -21,6 +21,10 @@ rows: the router's own choice, so one compiled program serves both), and
 `model.route(ids)` computes it alone, stopping after the last score-routed layer's router (no
 experts of that layer, no head, no MTP). Hash-routed layers are not part of it: their experts are
 tid2eid[token], a fixed table. The MTP block always routes by itself.
+
+Layers: `model.layers` [L Blocks], or with cfg.scan_layers `model.groups`: consecutive layers of one kind
+as one `jax.lax.scan` over stacked variables (layers/layer_groups.py, which also maps a state to and from
+the released layers.N.* layout). cfg.remat: the rematerialisation policy of every block (main and MTP).
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ from flax import nnx
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.layers.block import Block
 from dsv4_jax.layers.cache import Cache
+from dsv4_jax.layers.layer_groups import (STREAMS_AXES, LayerGroup, ScannedBlocks, plan_layer_groups, run_block,
+                                          run_group)
 from dsv4_jax.layers.linear import ADAMW, Linear, param
 from dsv4_jax.layers.mhc import HyperConnectionHead
 from dsv4_jax.layers.norms import RMSNorm
 from dsv4_jax.parallel.mesh import constrain
-
-STREAMS_AXES = ("batch", "seq", "streams", "act_embed")  # X [B, S, N, d]
 
 
 @jax.tree_util.register_dataclass
@@ -74,27 +78,50 @@ class MTPBlock(Block):
     self.norm = RMSNorm(d, cfg.rms_norm_eps)
     self.hc_head = HyperConnectionHead(d, cfg, rngs=rngs)
 
-  def predict(self, streams, next_embed, next_ids, positions, segment_ids, **kwargs):
-    """streams [B, T, N, d], next_embed [B, T, d] -> (head input [B, T, d], aux)."""
+  def predict(self, streams, next_embed, next_ids, positions, segment_ids, *, remat: str, **kwargs):
+    """streams [B, T, N, d], next_embed [B, T, d] -> (head input [B, T, d], aux); the block runs under
+    the rematerialisation policy `remat`."""
     x = self.e_proj(self.enorm(next_embed))[:, :, None, :] + self.h_proj(self.hnorm(streams))
-    x, aux, _ = self(x, next_ids, positions, segment_ids, **kwargs)
+    x, aux, _ = run_block(self, x, next_ids, positions, segment_ids, remat=remat, **kwargs)
     return self.norm(self.hc_head(x)), aux
 
 
 class Transformer(nnx.Module):
-  """DeepSeek-V4. `model(input_ids, segment_ids=None, positions=None, cache=None)` -> ModelOutput."""
+  """DeepSeek-V4. `model(input_ids, segment_ids=None, positions=None, cache=None)` -> ModelOutput.
+
+  Main layers: `layers` (L Blocks), or with cfg.scan_layers `groups` (per LayerGroup of
+  `plan_layer_groups(cfg)`, a Block or a ScannedBlocks), with the same initial values either way.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.cfg = cfg
     self.embed = _Embedding(cfg, rngs=rngs)
-    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+    blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)]
+    if cfg.scan_layers:
+      self.groups = nnx.List([ScannedBlocks(blocks[g.first:g.layers.stop], g.period) if g.scanned else blocks[g.first]
+                              for g in plan_layer_groups(cfg)])
+    else:
+      self.layers = nnx.List(blocks)
     self.hc_head = HyperConnectionHead(d, cfg, rngs=rngs)
     self.norm = RMSNorm(d, cfg.rms_norm_eps)
     self.head = Linear(d, cfg.vocab_size, ("vocab", "embed"), rngs=rngs, cfg=cfg, dtype=jnp.float32,
                        optimizer=ADAMW)
     self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs=rngs)
                          for i in range(cfg.num_nextn_predict_layers)])
+
+  def __getattr__(self, name: str):
+    if name == "layers":  # only reached when the attribute is absent: a scan_layers model
+      raise AttributeError("Transformer.layers: this model scans its layers (scan_layers=True); its blocks are in "
+                           "`groups` (stacked; dsv4_jax/layers/layer_groups.py), or build it with scan_layers=False")
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+  def layer_groups(self) -> list[tuple[LayerGroup, Block | ScannedBlocks]]:
+    """(LayerGroup, its Block or ScannedBlocks) for the main layers, in layer order (every layer alone
+    unless cfg.scan_layers)."""
+    if self.cfg.scan_layers:
+      return list(zip(plan_layer_groups(self.cfg), self.groups, strict=True))
+    return [(LayerGroup(i), block) for i, block in enumerate(self.layers)]
 
   @property
   def routed_layers(self) -> tuple[int, ...]:
@@ -123,14 +150,16 @@ class Transformer(nnx.Module):
 
     h = self.embed(input_ids)
     x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
+    caches = [None] * cfg.num_hidden_layers if cache is None else list(cache.layers)
+    given = [None if routing is None or i not in routed else routing[routed.index(i)]
+             for i in range(cfg.num_hidden_layers)]
     layer_aux, layer_caches = [], []
-    for i, block in enumerate(self.layers):
-      x = constrain(x, STREAMS_AXES)
-      given = None if routing is None or i not in routed else routing[routed.index(i)]
-      x, aux, layer_cache = block(x, input_ids, positions, segment_ids,
-                                  cache=None if cache is None else cache.layers[i], routing=given, **kwargs)
-      layer_aux.append(aux)
-      layer_caches.append(layer_cache)
+    for group, module in self.layer_groups():
+      x, auxes, new_caches = run_group(module, x, input_ids, positions, segment_ids,
+                                       caches=[caches[i] for i in group.layers],
+                                       routing=[given[i] for i in group.layers], remat=cfg.remat, **kwargs)
+      layer_aux += auxes
+      layer_caches += new_caches
     x = constrain(x, STREAMS_AXES)
     head_in = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, :, None, None], axis=1)
     logits = self.head(self.norm(self.hc_head(head_in)))
@@ -144,7 +173,7 @@ class Transformer(nnx.Module):
                         lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
     elif with_mtp and len(self.mtp) and s > 1:
       mtp_in, mtp_aux = self.mtp[0].predict(x[:, :-1], self.embed(input_ids[:, 1:]), input_ids[:, 1:],
-                                            positions[:, :-1], segment_ids[:, :-1], **kwargs)
+                                            positions[:, :-1], segment_ids[:, :-1], remat=cfg.remat, **kwargs)
       mtp_logits = self.head(mtp_in)
       out_aux.update({f"mtp_{k}": v for k, v in _summarise([mtp_aux], cfg, mtp=True).items()})
     return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=out_aux, cache=new_cache)
@@ -164,14 +193,17 @@ class Transformer(nnx.Module):
     h = self.embed(input_ids)
     x = jnp.broadcast_to(h[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
     found = []
-    for i, block in enumerate(self.layers[:routed[-1]]):
+    *before, (_, last) = self.layer_groups()  # the last score-routed layer is the last layer
+    for group, module in before:
+      n = len(group.layers)
+      x, auxes, _ = run_group(module, x, input_ids, positions, segment_ids, caches=[None] * n, routing=[None] * n,
+                              remat="none", attention_mode=attention_mode, with_indexer_loss=False)
+      found += [aux["routing"] for i, aux in zip(group.layers, auxes) if i in routed]
+    if isinstance(last, ScannedBlocks):
+      found += last.route(x, input_ids, positions, segment_ids, attention_mode=attention_mode)
+    else:
       x = constrain(x, STREAMS_AXES)
-      x, aux, _ = block(x, input_ids, positions, segment_ids, attention_mode=attention_mode,
-                        with_indexer_loss=False)
-      if i in routed:
-        found.append(aux["routing"])
-    x = constrain(x, STREAMS_AXES)
-    found.append(self.layers[routed[-1]].route(x, input_ids, positions, segment_ids, attention_mode=attention_mode))
+      found.append(last.route(x, input_ids, positions, segment_ids, attention_mode=attention_mode))
     return _stack_routing(found, b, s, cfg)
 
   def _inputs(self, input_ids, segment_ids, positions, cache):
@@ -200,9 +232,18 @@ class Transformer(nnx.Module):
   def balance_router_bias(self, aux: dict[str, Any], speed: float) -> None:
     """Aux-loss-free balancing, after an optimizer step: every score-routed gate moves its bias by
     speed · sign(mean load − load), from the per-layer expert loads this model reported in `aux`
-    (a ModelOutput.aux). Hash-routed gates have no bias and are left as they are."""
-    for block, load in zip(self.layers, aux["expert_load"], strict=True):
-      block.ffn.gate.update_bias(load, speed)
+    (a ModelOutput.aux). Hash-routed gates have no bias and are left as they are. A scanned group's
+    stacked gates [R, E] take their layers' loads [R, E] at once."""
+    loads = aux["expert_load"]  # [L, E]
+    if loads.shape[0] != self.cfg.num_hidden_layers:
+      raise ValueError(f"expert_load: expected one row per main layer ({self.cfg.num_hidden_layers}), "
+                       f"got shape {loads.shape}")
+    for group, module in self.layer_groups():
+      if isinstance(module, ScannedBlocks):
+        for j, block in enumerate(module.blocks):
+          block.ffn.gate.update_bias(loads[group.first + j:group.layers.stop:group.period], speed)
+      else:
+        module.ffn.gate.update_bias(loads[group.first], speed)
     if "mtp_expert_load" in aux:  # absent when the MTP block did not run (e.g. indexer warm-up steps)
       for block, load in zip(self.mtp, aux["mtp_expert_load"], strict=True):
         block.ffn.gate.update_bias(load, speed)

@@ -145,7 +145,8 @@ class Gate(nnx.Module):
     return ids, weights * self.scale, scores
 
   def update_bias(self, load: jax.Array, speed: float) -> None:
-    """Aux-loss-free balancing step from this layer's expert loads `load` [E]:
+    """Aux-loss-free balancing step from this layer's expert loads `load` [E] (a gate of a scanned
+    layer group, its bias stacked [R, E]: the loads of those layers [R, E]):
 
       bias_e ← bias_e + speed · sign(mean_e'(load_e') − load_e)
 
@@ -153,7 +154,7 @@ class Gate(nnx.Module):
     """
     if self.hash_routed:
       return
-    self.bias.value = self.bias[...] + speed * jnp.sign(jnp.mean(load) - load)
+    self.bias.value = self.bias[...] + speed * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 class MoE(nnx.Module):
