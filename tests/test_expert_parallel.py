@@ -1,5 +1,5 @@
 """Expert parallelism (parallel/expert.py) on 8 fake CPU devices: all-to-all dispatch in waves equals the
-single-device routed experts (outputs and gradients) when no copy is dropped; the program moves token copies
+single-device routed experts (outputs; gradients on the (expert 8) mesh) when no copy is dropped; the program moves token copies
 by all-to-all only (3 per wave: rows, their expert ids, outputs); with a short capacity the dropped copies
 are exactly those beyond each (device, destination) pair's slots, and the output is the experts' sum over the
 copies that were kept."""
@@ -61,11 +61,12 @@ SCRIPT = textwrap.dedent("""
         for waves in (1, 2, 4):
           run = jax.jit(parallel, static_argnums=(5, 6))
           y1, dropped = run(x, weights, *w, waves, float(p))   # factor P: no copy can be dropped
-          g1 = grads(lambda *a: parallel(*a, waves, float(p))[0])(x, weights, *w)
           assert int(dropped) == 0
           np.testing.assert_allclose(y1, y0, rtol=0, atol=2e-6 * float(jnp.abs(y0).max()))
-          for a, b in zip(g0, g1):
-            np.testing.assert_allclose(b, a, rtol=0, atol=2e-6 * float(jnp.abs(a).max()))
+          if p == 8:   # gradients on one mesh (the whole train step on others: test_mesh_training.py)
+            g1 = grads(lambda *a: parallel(*a, waves, float(p))[0])(x, weights, *w)
+            for a, b in zip(g0, g1):
+              np.testing.assert_allclose(b, a, rtol=0, atol=2e-6 * float(jnp.abs(a).max()))
           hlo = run.lower(x, weights, *w, waves, float(p)).compile().as_text()
           assert len(re.findall(r" all-to-all\\(", hlo)) == 3 * waves, hlo.count("all-to-all")
           assert not re.search(r" all-gather\\(", hlo)
@@ -76,29 +77,16 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(y2, y_kept, rtol=0, atol=2e-6 * float(jnp.abs(y0).max()))
       print("OK", sizes, int(dropped))
 
-    # The whole model (hash-routed and score-routed layers, MTP on S − 1 tokens: 126 copies over 8 devices):
-    # loss and gradients equal one device; a forward issues 3 all-to-alls per MoE layer and wave.
+    # The whole model (hash-routed and score-routed layers, MTP): a forward issues 3 all-to-alls per MoE layer
+    # and wave (its loss and gradients equal one device's in tests/test_mesh_training.py).
     model = tiny_model(seed=0, moe_capacity_factor=8.0, moe_waves=2)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens = rng.integers(0, model.cfg.vocab_size, (2, 64)).astype(np.int32)
-
-    def model_loss(params):
-      out = nnx.merge(graphdef, params, rest)(tokens, attention_mode="sparse")
-      return jnp.sum(out.logits ** 2) * 1e-3 + jnp.sum(out.mtp_logits ** 2) * 1e-3, out.aux["dropped_copies"]
-
-    step = jax.jit(jax.value_and_grad(model_loss, has_aux=True))
-    (l0, _), g0 = step(params)
-    with jax.set_mesh(make_mesh(expert=8)):
-      (l1, dropped), g1 = step(params)
-      lowered = jax.jit(model_loss).lower(params).as_text()   # before XLA's partitioner adds its own
-    assert int(dropped) == 0
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    worst = max((float(jnp.abs(a[...] - b[...]).max() / jnp.abs(a[...]).max()), "/".join(map(str, path)))
-                for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)) if jnp.abs(a[...]).max() > 0)
-    assert worst[0] <= 1e-4, worst   # fp32 sums over tokens in another order
+    with jax.set_mesh(make_mesh(expert=8)):   # before XLA's partitioner adds its own collectives
+      lowered = jax.jit(lambda p: nnx.merge(graphdef, p, rest)(tokens).logits).lower(params).as_text()
     moe_layers = model.cfg.num_hidden_layers + model.cfg.num_nextn_predict_layers
     assert lowered.count("all_to_all") == 3 * 2 * moe_layers, (lowered.count("all_to_all"), moe_layers)
-    print("MODEL", float(l0), float(l1), worst)
+    print("MODEL", moe_layers)
 """)
 
 

@@ -9,6 +9,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -131,17 +132,18 @@ def test_cli_trains_on_a_mesh_resumes_bit_exactly_and_on_another_mesh(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
-  out = run("straight", *mesh, "--max_steps=4")
+  out = run("straight", *mesh, "--max_steps=4")   # checkpoints at steps 2 and 4
   assert "[mesh] mesh (data 2, expert 4); batch [8, 256] split as (('data', 'expert'), None)" in out
-  run("split", *mesh, "--max_steps=2")
-  subprocess.run(["cp", "-r", str(tmp_path / "split"), str(tmp_path / "moved")], check=True)
-  run("split", *mesh, "--max_steps=4", "--resume")
+  for name in ("resumed", "moved"):
+    shutil.copytree(tmp_path / "straight", tmp_path / name)
+    shutil.rmtree(tmp_path / name / "checkpoints" / "4")
+  run("resumed", *mesh, "--max_steps=4", "--resume")
   out = run("moved", "--set=mesh.fsdp=8", "--set=mesh.data=1", "--max_steps=4", "--resume")   # another mesh
   assert "resumed from step 2" in out and "[mesh] mesh (fsdp 8)" in out
 
   straight = _losses(tmp_path / "straight", "train")
   assert sorted(straight) == [1, 2, 3, 4]
-  assert _losses(tmp_path / "split", "train") == straight                       # bit-exact resume
+  assert _losses(tmp_path / "resumed", "train") == straight                       # bit-exact resume
   for kind in ("train", "eval"):
     got, want = _losses(tmp_path / "moved", kind), _losses(tmp_path / "straight", kind)
     assert sorted(got) == sorted(want) and sorted(want) == ([1, 2, 3, 4] if kind == "train" else [2, 4])

@@ -43,6 +43,10 @@ class DataConfig:
     batch mixes many documents instead of consecutive pieces of one long file. 0 = off.
   num_threads, prefetch_buffer_size: Grain ReadOptions for reading and tokenizing documents.
   prefetch_batches: packed batches prepared ahead in a background thread (0 = none).
+  shards: the training documents are read as this many disjoint shards (document i in shard
+    i mod shards), each packing batch_size / shards rows of every batch; each process reads only its
+    own shards. 0 = one per process. The batches depend on it, not on the process count: a run with
+    shards 2 reads the same batches from one process as from two.
   """
 
   source: str = "stdlib"
@@ -59,6 +63,7 @@ class DataConfig:
   num_threads: int = 2
   prefetch_buffer_size: int = 64
   prefetch_batches: int = 2
+  shards: int = 0
 
   def __post_init__(self):
     # YAML gives lists (or one string); store tuples so the config stays hashable. Relative paths are made
@@ -82,7 +87,7 @@ class DataConfig:
       raise ConfigError(f"data.align: expected a positive integer, got {self.align}")
     if not 0 <= self.seed < 2**32:
       raise ConfigError(f"data.seed: expected an integer in [0, 2**32), got {self.seed}")
-    for name in ("num_threads", "prefetch_buffer_size", "prefetch_batches", "row_shuffle_tokens"):
+    for name in ("num_threads", "prefetch_buffer_size", "prefetch_batches", "row_shuffle_tokens", "shards"):
       if getattr(self, name) < 0:
         raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
     if not self.text_field:

@@ -161,14 +161,19 @@ class TrainCheckpointer:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False,
-           arrays: dict[str, Any] | None = None) -> bool:
-    """Starts an asynchronous save at `step` (every `save_every` steps, or when forced).
-
-    arrays: named arrays saved as the optional `routing` item (omitted when empty)."""
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `save(step, force=force)` would write a checkpoint (every `save_every` steps, or when forced,
+    unless there is one at `step`)."""
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
-    if step in self.manager.all_steps():
+    return step not in self.manager.all_steps()
+
+  def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False,
+           arrays: dict[str, Any] | None = None) -> bool:
+    """Starts an asynchronous save at `step` when one is due (`due`).
+
+    arrays: named arrays saved as the optional `routing` item (omitted when empty)."""
+    if not self.due(step, force):
       return False
     items = dict(state=ocp.args.StandardSave(flatten_named(state)), data=ocp.args.JsonSave(data_state),
                  meta=ocp.args.JsonSave(meta))

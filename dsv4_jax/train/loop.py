@@ -34,6 +34,7 @@ from flax import nnx
 from dsv4_jax.config import ConfigError, TrainConfig
 from dsv4_jax.data import (bits_per_byte, corpus_unigram_byte_entropy, load_tokenizer, make_dataset,
                            validation_sample)
+from dsv4_jax.data import shards as data_shards
 from dsv4_jax.data.packing import empty_row
 from dsv4_jax.layers.model import Transformer
 from dsv4_jax.optim import build_optimizer
@@ -44,7 +45,8 @@ from dsv4_jax.train.anticipatory import AnticipatoryRouting, make_route_fn
 from dsv4_jax.train.batch_stream import BatchStream
 from dsv4_jax.train.checkpoint import RunDirectoryError, TrainCheckpointer, clear_run, prepare_run_directory
 from dsv4_jax.train.compile_ahead import CompileAhead, shapes_of
-from dsv4_jax.train.metrics import MetricsWriter, last_record
+from dsv4_jax.train import distributed
+from dsv4_jax.train.metrics import MetricsWriter, NoMetrics, last_record
 from dsv4_jax.train.placement import Placement
 from dsv4_jax.train.spike import Spike, SpikeRecoveryError, StabilityController, copy_params
 from dsv4_jax.train.step import (TrainState, make_eval_step, make_train_step, own_routing, routing_shape,
@@ -52,8 +54,10 @@ from dsv4_jax.train.step import (TrainState, make_eval_step, make_train_step, ow
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:
-  """A hash of everything that must match for a checkpoint to resume this run."""
-  return hashlib.sha256(repr((cfg.model, cfg.data, cfg.optimizer, cfg.curriculum, cfg.tokens_per_batch,
+  """A hash of everything that must match for a checkpoint to resume this run (the data shard count is
+  checked against the checkpoint's data position instead: 0, one per process, may resolve to it)."""
+  data = dataclasses.replace(cfg.data, shards=0)
+  return hashlib.sha256(repr((cfg.model, data, cfg.optimizer, cfg.curriculum, cfg.tokens_per_batch,
                               cfg.seed)).encode()).hexdigest()[:16]
 
 
@@ -64,6 +68,28 @@ def run_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
     raise ConfigError(f"mesh.expert: {sizes['expert']} devices must divide model.n_routed_experts "
                       f"({cfg.model.n_routed_experts}): each holds the same number of experts")
   return make_mesh(**sizes)
+
+
+def _data_shards(cfg: TrainConfig, plans) -> tuple[int, range]:
+  """(the run's number of data shards, this process's shards): `data.shards`, or one per process."""
+  count, processes = cfg.data.shards or jax.process_count(), jax.process_count()
+  if count % processes:
+    raise ConfigError(f"data.shards: {count} shards cannot be split evenly over {processes} processes")
+  for plan in plans:
+    if plan.batch_size % count:
+      raise ConfigError(f"curriculum stage {plan.index}: its batch of {plan.batch_size} rows does not split into "
+                        f"{count} data shards (data.shards, default one per process)")
+  per_process = count // processes
+  return count, range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def _own_data_state(data_state: dict, count: int, mine: range, run_dir: str) -> dict:
+  """This process's shards of a checkpoint's data position (which holds every shard's)."""
+  if not isinstance(data_state, dict) or data_state.get("shards") != count:
+    found = data_state.get("shards") if isinstance(data_state, dict) else None
+    raise RunDirectoryError(f"--resume: the checkpoints in {run_dir} read the data as {found} shards, this run as "
+                            f"{count}; resume with --set data.shards={found} (any number of processes that divides it)")
+  return data_shards.select(data_state, mine)
 
 
 def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None):
@@ -93,7 +119,7 @@ def evaluate(evaluate_fn, state: TrainState, batches: list[dict], placement: Pla
   """
   loss_sum = count = n_bytes = 0.0
   for batch in batches:
-    s, c, b = evaluate_fn(state.params, state.extra, placement.batch(batch))
+    s, c, b = evaluate_fn(state.params, state.extra, placement.batch(placement.local_rows(batch)))
     loss_sum, count, n_bytes = loss_sum + float(s), count + float(c), n_bytes + float(b)
   return {"loss": loss_sum / max(count, 1.0), "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
           "tokens": count, "seq_len": batches[0]["input_ids"].shape[1]}
@@ -144,11 +170,16 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   `overwrite` deletes that run first); True continues from the newest checkpoint that restores
   (RunDirectoryError if there is none); "auto" continues if there is a checkpoint, else starts.
   """
+  if not distributed.is_primary():   # process 0 alone prints and writes the run's files
+    log, progress = (lambda *args, **kwargs: None), False
   restore = prepare_run_directory(cfg.run_dir, resume=_resume_mode(resume), overwrite=overwrite, log=log)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds model.vocab_size {cfg.model.vocab_size}")
   plans = curriculum.plan(cfg)
+  shard_count, my_shards = _data_shards(cfg, plans)
+  fingerprint = config_fingerprint(cfg)
+  distributed.check_agreement("config fingerprint and mesh", [fingerprint, dataclasses.asdict(cfg.mesh)])
   mesh = run_mesh(cfg)
   graphdef, state, tx = init_state(cfg, mesh)
   placement = Placement.of(mesh, state.params, state.extra, tx)
@@ -156,12 +187,12 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   decay_start = cfg.optimizer.decay_start_step
   step_fn = make_train_step(graphdef, tx, cfg, decay_start, placement.state)
   eval_fn = make_eval_step(graphdef, mesh)
-  if overwrite:   # only now: a config that fails above leaves the old run in place
+  if overwrite and distributed.is_primary():   # only now: a config that fails above leaves the old run in place
     clear_run(cfg.run_dir, log)
+  distributed.barrier("run directory ready")
   os.makedirs(cfg.run_dir, exist_ok=True)
   ckpt = TrainCheckpointer(os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                            save_every=cfg.checkpoint_every)
-  fingerprint = config_fingerprint(cfg)
 
   def same_config(meta: dict) -> None:
     if meta.get("fingerprint") != fingerprint:
@@ -175,10 +206,11 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
       found = ckpt.restore_latest(state, check=same_config, log=log, with_arrays=True)
       if found is None:
         raise RunDirectoryError(f"--resume: Orbax lists no checkpoint in {ckpt.directory}")
+      resumed_at, state, data_state, meta, routing_arrays = found
+      data_state = _own_data_state(data_state, shard_count, my_shards, cfg.run_dir)
     except BaseException:
       ckpt.close()
       raise
-    resumed_at, state, data_state, meta, routing_arrays = found
     stability = meta.get("stability") or {}
     log(f"resumed from step {resumed_at} (stage {meta['stage']})")
 
@@ -195,9 +227,10 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
             "tokens_per_second": 0.0, "final_loss": last["loss"] if last else math.nan, "history": [],
             "eval": None}
 
-  with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
-  metrics = MetricsWriter(cfg.run_dir, resumed_at=resumed_at)
+  if distributed.is_primary():
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+  metrics = MetricsWriter(cfg.run_dir, resumed_at=resumed_at) if distributed.is_primary() else NoMetrics()
   if metrics.dropped:
     log(f"metrics.jsonl: dropped {metrics.dropped} record(s) after step {resumed_at} (written after that "
         f"checkpoint; the resumed run writes them again)")
@@ -207,14 +240,22 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
   anticipation = AnticipatoryRouting(make_route_fn(graphdef, mesh), cfg.stability.routing_delay,
                                      lambda s: curriculum.stage_at(plans, s).kind(s), placement.batch)
   anticipation.load(stability.get("anticipation"), routing_arrays)
-  stream = BatchStream(lambda plan: make_dataset(cfg.data, plan.stage.seq_len, plan.batch_size, tokenizer,
-                                                 split="train", shard_index=jax.process_index(),
-                                                 shard_count=jax.process_count()),
-                       plans, step, data_state)
 
-  def checkpoint_meta(plan) -> dict:
-    return {"stage": plan.index, "fingerprint": fingerprint,
-            "stability": {"controller": controller.state_dict(), "anticipation": anticipation.state_dict()}}
+  def open_stage(plan) -> data_shards.LocalShards:
+    rows = plan.batch_size // shard_count
+    return data_shards.LocalShards(lambda index: make_dataset(
+        cfg.data, plan.stage.seq_len, rows, tokenizer, split="train", shard_index=index, shard_count=shard_count),
+        my_shards, shard_count)
+
+  stream = BatchStream(open_stage, plans, step, data_state)
+
+  def save(step: int, state: TrainState, data_state: dict, plan, force: bool = False) -> None:
+    """A checkpoint at `step` when one is due: every process's shards of the data position in one."""
+    if ckpt.due(step, force):
+      meta = {"stage": plan.index, "fingerprint": fingerprint,
+              "stability": {"controller": controller.state_dict(), "anticipation": anticipation.state_dict()}}
+      ckpt.save(step, state, data_shards.merge(distributed.all_processes(data_state)), meta,
+                arrays=anticipation.arrays(), force=True)
 
   history, last_eval, interrupted, events = [], None, False, []
   start_time, tokens_done = time.time(), 0
@@ -292,7 +333,7 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
         metrics.write(step, "eval", last_eval)
         log(f"[eval] step {step}: loss {last_eval['loss']:.4f}, {last_eval['bits_per_byte']:.4f} bits/byte")
       data_state = stream.position()
-      ckpt.save(step, state, data_state, checkpoint_meta(plan), arrays=anticipation.arrays())
+      save(step, state, data_state, plan)
   except KeyboardInterrupt:
     interrupted = True
     log(f"interrupted at step {step}: saving a final checkpoint")
@@ -301,8 +342,7 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
       bar.close()
     stream.close()
     if data_state is not None and step > 0:
-      plan = curriculum.stage_at(plans, step - 1)
-      ckpt.save(step, state, data_state, checkpoint_meta(plan), arrays=anticipation.arrays(), force=True)
+      save(step, state, data_state, curriculum.stage_at(plans, step - 1), force=True)
     ckpt.close()
     metrics.close()
 

@@ -12,6 +12,20 @@ import json
 import os
 
 
+class NoMetrics:
+  """The MetricsWriter of a process other than process 0: writes nothing."""
+  dropped = 0
+
+  def write(self, step: int, kind: str, values: dict) -> None:
+    pass
+
+  def event(self, step: int, values: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 class MetricsWriter:
   """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard event files in `<run_dir>/tb`.
 

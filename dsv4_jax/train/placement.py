@@ -69,9 +69,19 @@ class Placement:
                                                         np.asarray(value), self._global(value.shape))
             for key, value in rows.items()}
 
-  def routing(self, ids: jax.Array) -> jax.Array:
-    """Routing indices [R, B, S, K] (from a route step, a checkpoint or −1s) laid out for the train step."""
-    return jax.device_put(ids, self.routing_sharding(ids.shape))
+  def local_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's consecutive rows of a batch every process holds whole (e.g. a validation sample)."""
+    count = jax.process_count()
+    return {key: np.split(np.asarray(value), count)[jax.process_index()] for key, value in rows.items()}
+
+  def routing(self, ids) -> jax.Array:
+    """Routing indices [R, B, S, K] (from a route step, a checkpoint or −1s) laid out for the train step.
+    Host values (every process holds the same) are placed shard by shard."""
+    sharding = self.routing_sharding(ids.shape)
+    if isinstance(ids, jax.Array) and (ids.sharding == sharding or not ids.is_fully_addressable):
+      return jax.device_put(ids, sharding)
+    host = np.asarray(ids)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
   def put_state(self, state: TrainState) -> TrainState:
     return jax.device_put(state, self.state)
