@@ -62,7 +62,8 @@ def train(argv):
   flags.DEFINE_integer("max_steps", None, "stop after this many steps (the schedule still spans the full run)")
   flags.DEFINE_bool("progress", True, "show a progress bar")
   flags.DEFINE_string("coordinator", None, "several processes: host:port of process 0 (with --num_processes and "
-                      "--process_id; SLURM and Cloud TPU slices are detected without them)")
+                      "--process_id), or auto: JAX detects the cluster (SLURM and Cloud TPU slices are also "
+                      "detected without the flag)")
   flags.DEFINE_integer("num_processes", None, "several processes: how many")
   flags.DEFINE_integer("process_id", None, "several processes: this one's index, 0 .. num_processes - 1")
   flags.DEFINE_integer("heartbeat_timeout", 100, "several processes: seconds after which a silent process makes "

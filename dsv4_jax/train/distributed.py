@@ -2,6 +2,7 @@
 
 `initialize` joins the processes of a run with `jax.distributed.initialize` before JAX is used:
   explicit   coordinator address, process count and this process's id (flags of `dsv4 train`);
+  auto       coordinator "auto": JAX's cluster detection (what launch/tpu_pod.sh passes);
   detected   under SLURM with more than one task, and on a Cloud TPU VM slice of more than one worker, JAX
              finds all three itself (its cluster detection);
   otherwise  one process: nothing to do.
@@ -27,6 +28,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                *, heartbeat_timeout_seconds: int = 100) -> None:
   """Joins this process to its run (see the module docstring). A process that stops answering for
   `heartbeat_timeout_seconds` makes the others fail instead of waiting for it forever."""
+  if coordinator == "auto":   # a cluster JAX detects itself (Cloud TPU slice, SLURM, ...)
+    if num_processes is not None or process_id is not None:
+      raise ConfigError("--coordinator=auto: JAX finds the process count and ids; drop --num_processes and --process_id")
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    return
   explicit = (coordinator, num_processes, process_id)
   if any(value is not None for value in explicit) and None in explicit:
     raise ConfigError("--coordinator, --num_processes and --process_id: give all three, or none (SLURM and Cloud "
