@@ -10,6 +10,10 @@ A run directory holds one run: a fresh run refuses a directory that holds one (`
 deletes it first), `resume=True` requires a checkpoint (`resume="auto"`: resume if there is one), a
 corrupt latest checkpoint is reported and the newest one that restores is used (checkpoint.py).
 
+The run is laid out on the mesh of `cfg.mesh` over every device (placement.py: the state sharded from
+its first allocation, batches assembled from each process's rows); with several processes
+(distributed.py) each reads its own data shards (data/shards.py) and process 0 alone prints and writes.
+
 Loss spikes (`cfg.stability`, spike.py): each step's loss and gradient norm go to the spike detector;
 on a spike the state rolls back to a host snapshot a few steps earlier, the data stream rewinds
 (or skips), and anticipatory routing (anticipatory.py) runs for a period: each step then also routes
@@ -40,12 +44,11 @@ from dsv4_jax.layers.model import Transformer
 from dsv4_jax.optim import build_optimizer
 from dsv4_jax.optim.schedule import learning_rate_schedule
 from dsv4_jax.parallel.mesh import make_mesh
-from dsv4_jax.train import curriculum
+from dsv4_jax.train import curriculum, distributed
 from dsv4_jax.train.anticipatory import AnticipatoryRouting, make_route_fn
 from dsv4_jax.train.batch_stream import BatchStream
 from dsv4_jax.train.checkpoint import RunDirectoryError, TrainCheckpointer, clear_run, prepare_run_directory
 from dsv4_jax.train.compile_ahead import CompileAhead, shapes_of
-from dsv4_jax.train import distributed
 from dsv4_jax.train.metrics import MetricsWriter, NoMetrics, last_record
 from dsv4_jax.train.placement import Placement
 from dsv4_jax.train.spike import Spike, SpikeRecoveryError, StabilityController, copy_params
