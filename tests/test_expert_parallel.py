@@ -83,7 +83,8 @@ SCRIPT = textwrap.dedent("""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens = rng.integers(0, model.cfg.vocab_size, (2, 64)).astype(np.int32)
     with jax.set_mesh(make_mesh(expert=8)):   # before XLA's partitioner adds its own collectives
-      lowered = jax.jit(lambda p: nnx.merge(graphdef, p, rest)(tokens).logits).lower(params).as_text()
+      out = lambda p: (lambda o: (o.logits, o.mtp_logits))(nnx.merge(graphdef, p, rest)(tokens))
+      lowered = jax.jit(out).lower(params).as_text()
     moe_layers = model.cfg.num_hidden_layers + model.cfg.num_nextn_predict_layers
     assert lowered.count("all_to_all") == 3 * 2 * moe_layers, (lowered.count("all_to_all"), moe_layers)
     print("MODEL", moe_layers)

@@ -3,8 +3,7 @@
 - The state initialised on a mesh is bitwise the state initialised on one device, laid out as placed.
 - One train step (the real step: losses, Muon/AdamW, router balancing) on six meshes gives the loss and
   updated parameters of one device, and returns its state laid out exactly as it came in.
-- `dsv4 train --set mesh.data=2 --set mesh.expert=4` resumes bit-exactly, and a checkpoint saved on that
-  mesh resumes on another with the same losses and validation loss.
+- `dsv4 train --set mesh.data=2 --set mesh.expert=4` resumes bit-exactly.
 """
 
 import json
@@ -118,8 +117,9 @@ def _losses(run_dir, kind):
 
 
 def test_cli_trains_on_a_mesh_resumes_bit_exactly_and_on_another_mesh(tmp_path):
-  """The README's tiny config for 4 steps with two of its layers (hash-routed window, CSA) and no MTP block;
-  the checkpoint of step 2 also resumes on (fsdp 8). The train steps equal one device's (the test above)."""
+  """The README's tiny config for 4 steps with two of its layers (hash-routed window, CSA) and no MTP block.
+  The train steps equal one device's (the test above); a checkpoint resuming on another mesh and in another
+  number of processes: tests/test_multiprocess.py."""
   config = os.path.join(REPO, "configs", "tiny.yaml")
   small = ["--set=model.num_hidden_layers=2", "--set=model.compress_ratios=[0,4]",
            "--set=model.num_nextn_predict_layers=0", "--set=train.log_every=1",
@@ -134,18 +134,12 @@ def test_cli_trains_on_a_mesh_resumes_bit_exactly_and_on_another_mesh(tmp_path):
 
   out = run("straight", *mesh, "--max_steps=4")   # checkpoints at steps 2 and 4
   assert "[mesh] mesh (data 2, expert 4); batch [8, 256] split as (('data', 'expert'), None)" in out
-  for name in ("resumed", "moved"):
-    shutil.copytree(tmp_path / "straight", tmp_path / name)
-    shutil.rmtree(tmp_path / name / "checkpoints" / "4")
-  run("resumed", *mesh, "--max_steps=4", "--resume")
-  out = run("moved", "--set=mesh.fsdp=8", "--set=mesh.data=1", "--max_steps=4", "--resume")   # another mesh
-  assert "resumed from step 2" in out and "[mesh] mesh (fsdp 8)" in out
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+  out = run("resumed", *mesh, "--max_steps=4", "--resume")
+  assert "resumed from step 2" in out
 
   straight = _losses(tmp_path / "straight", "train")
   assert sorted(straight) == [1, 2, 3, 4]
   assert _losses(tmp_path / "resumed", "train") == straight                       # bit-exact resume
-  for kind in ("train", "eval"):
-    got, want = _losses(tmp_path / "moved", kind), _losses(tmp_path / "straight", kind)
-    assert sorted(got) == sorted(want) and sorted(want) == ([1, 2, 3, 4] if kind == "train" else [2, 4])
-    for step in want:
-      assert abs(got[step] - want[step]) <= 2e-6 * want[step], (kind, step, got[step], want[step])
+  assert _losses(tmp_path / "resumed", "eval") == _losses(tmp_path / "straight", "eval")

@@ -1,8 +1,8 @@
 """Runs over several processes on loopback (train/distributed.py, launch/local_multiprocess.sh): two processes
 of 4 fake CPU devices each (Gloo collectives) on a (data 2, expert 4) mesh.
 
-- They train as one process with 8 devices reading the same two data shards: the same losses.
-- A checkpoint written by the two processes resumes in one process, and one written there resumes in two.
+- A checkpoint written by the two processes resumes in one process with 8 devices on another mesh (fsdp 8),
+  reading the same two data shards, and one written there resumes in two: the losses of the two-process run.
 - Killing one process makes the other stop with an error within a bounded time instead of waiting forever.
 - The launcher checks its arguments and prints the commands it runs (--dry-run); it is shellcheck-clean.
 """
@@ -60,14 +60,16 @@ def test_two_processes_train_as_one_and_share_checkpoints(tmp_path):
     assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == [1, 2, 3, 4]
   two = _losses(tmp_path / "two")
 
-  # One process with 8 devices, from the two processes' checkpoint of step 2, reading the same 2 data shards.
+  # One process with 8 devices on another mesh (fsdp 8), from the two processes' checkpoint of step 2, reading
+  # the same 2 data shards.
   shutil.copytree(tmp_path / "two", tmp_path / "handover")
   for step in ("3", "4"):
     shutil.rmtree(tmp_path / "handover" / "checkpoints" / step)
   result = train_cli(CONFIG, tmp_path / "handover", tmp_path / "cache", *SMALL, "--set=data.shards=2", "--resume",
-                     "--max_steps=3", env={**ENV, "JAX_NUM_CPU_DEVICES": "8"})
+                     "--set=mesh.data=1", "--set=mesh.expert=1", "--set=mesh.fsdp=8", "--max_steps=3",
+                     env={**ENV, "JAX_NUM_CPU_DEVICES": "8"})
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  assert "resumed from step 2" in result.stdout
+  assert "resumed from step 2" in result.stdout and "[mesh] mesh (fsdp 8)" in result.stdout
   # ... and back to two processes from the one process's checkpoint of step 3.
   out = _two_processes(tmp_path / "handover", tmp_path / "cache", "--resume", "--max_steps=4")
   assert "resumed from step 3" in out
