@@ -281,10 +281,11 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
       routing = anticipation.routing_for(step, state, stream.peek, cfg.optimizer.total_steps)
       anticipated = routing is not None
       if not anticipated:
-        if plan.index not in own:
-          own[plan.index] = own_routing(cfg.model, plan.batch_size, plan.stage.seq_len)
+        if plan.index not in own:   # placed once per stage
+          own[plan.index] = placement.routing(own_routing(cfg.model, plan.batch_size, plan.stage.seq_len))
         routing = own[plan.index]
-      routing = placement.routing(routing)
+      else:
+        routing = placement.routing(routing)
       batch = stream.next()
       if controller.fault_due(step + 1, "batch"):
         batch = controller.corrupt_batch(batch, tokenizer.vocab_size)

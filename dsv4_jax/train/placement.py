@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv4_jax.parallel.mesh import logical_to_spec, state_shardings
+from dsv4_jax.parallel.mesh import LOGICAL_RULES, logical_to_spec, state_shardings
 from dsv4_jax.train.step import TrainState
 
 BATCH_AXES = ("batch", "seq")
@@ -46,19 +46,11 @@ class Placement:
     return cls(mesh, TrainState(step=replicated, params=param_shardings, extra=state_shardings(extra, mesh),
                                 opt_state=opt_state))
 
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
-
   def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(self.mesh, logical_to_spec(BATCH_AXES, shape, self.mesh))
 
   def routing_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(self.mesh, logical_to_spec(ROUTING_AXES, shape, self.mesh))
-
-  def batch_shardings(self, batch: dict) -> dict:
-    """A NamedSharding per array of a batch (arrays or shapes)."""
-    return {key: self.batch_sharding(value.shape) for key, value in batch.items()}
 
   def batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of a batch -> global arrays laid out by `batch_sharding`.
@@ -94,8 +86,9 @@ class Placement:
     """One line: the mesh and how a [batch_size, seq_len] batch is split (replicated axes named)."""
     spec = logical_to_spec(BATCH_AXES, (batch_size, seq_len), self.mesh)
     used = {axis for entry in spec if entry for axis in ((entry,) if isinstance(entry, str) else entry)}
+    split_axes = (*LOGICAL_RULES["batch"], LOGICAL_RULES["seq"])
     idle = [f"{axis} {size}" for axis, size in self.mesh.shape.items()
-            if size > 1 and axis in ("data", "fsdp", "expert", "context") and axis not in used]
+            if size > 1 and axis in split_axes and axis not in used]
     sizes = ", ".join(f"{axis} {size}" for axis, size in self.mesh.shape.items() if size > 1) or "1 device"
     line = f"mesh ({sizes}); batch [{batch_size}, {seq_len}] split as {tuple(spec)}"
     if idle:
