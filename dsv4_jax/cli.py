@@ -272,7 +272,7 @@ def cache_size(argv):
 
 @command("plan")
 def plan(argv):
-  """dsv4 plan --config CONFIG [--mesh PRESET] --chip v5p|v6e|h100|h200|b200 --chips N [--seq_len S] [--mfu F]: per-chip memory, step time and communication."""
+  """dsv4 plan --config CONFIG [--mesh PRESET] [--set k=v] --chip v5p|v6e|h100|h200|b200 --chips N [--seq_len S] [--mfu F]: memory, time and traffic per chip."""
   from absl import flags
   flags.DEFINE_string("config", None, "a training YAML (model, curriculum, train, mesh sections), e.g. "
                       "configs/flash_train.yaml", required=True)
