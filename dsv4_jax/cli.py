@@ -270,6 +270,41 @@ def cache_size(argv):
   print(format_report(cfg, report(cfg, fl.context, fl.storage), fl.config))
 
 
+@command("plan")
+def plan(argv):
+  """dsv4 plan --config CONFIG [--mesh PRESET] [--set k=v] --chip v5p|v6e|h100|h200|b200 --chips N [--seq_len S] [--mfu F]: memory, time and traffic per chip."""
+  from absl import flags
+  flags.DEFINE_string("config", None, "a training YAML (model, curriculum, train, mesh sections), e.g. "
+                      "configs/flash_train.yaml", required=True)
+  flags.DEFINE_string("mesh", None, "mesh preset replacing the config's mesh section (configs/meshes/, e.g. "
+                      "tpu_v5p_pod, h200_cluster) or a YAML file with a mesh: section")
+  flags.DEFINE_multi_string("set", [], "override, e.g. --set mesh.context=8 --set model.remat=full")
+  flags.DEFINE_string("chip", None, "v5p, v6e, h100, h200 or b200", required=True)
+  flags.DEFINE_integer("chips", None, "number of chips", required=True)
+  flags.DEFINE_integer("seq_len", None, "plan only the curriculum stages of this sequence length (a sparse-attention "
+                       "stage at tokens_per_batch / seq_len rows if none has it)", lower_bound=1)
+  flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step time")
+  flags.FLAGS(argv)
+  from dsv4_jax.config import MeshConfig, TrainConfig
+  from dsv4_jax.config.shipped import resolve_config, resolve_mesh
+
+  fl = flags.FLAGS
+  overrides = {}
+  if fl.mesh:
+    overrides = {f"mesh.{axis}": size for axis, size in MeshConfig.from_yaml(resolve_mesh(fl.mesh)).items()}
+  for item in fl.set:
+    if "=" not in item:
+      raise SystemExit(f"--set {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    overrides[key] = value
+  cfg = TrainConfig.from_yaml(resolve_config(fl.config), overrides)
+  from dsv4_jax.train.plan import chip_spec, format_plan, plan as make_plan  # imports JAX
+
+  chip_spec(fl.chip)
+  plans = make_plan(cfg, fl.chip, fl.chips, seq_len=fl.seq_len, mfu=fl.mfu)
+  print(format_plan(plans, fl.chip, fl.chips, fl.mfu, fl.config))
+
+
 # Expected errors: (module, class name, exit status); 2 = usage (flags, --set, config files and values),
 # 1 = runtime (missing files, checkpoints, data). Classes are looked up in sys.modules when an error is
 # handled: an exception of a class whose module was never imported cannot occur, and `dsv4 --help` stays fast.

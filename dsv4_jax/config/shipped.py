@@ -9,8 +9,8 @@ from importlib import resources
 
 from dsv4_jax.config.errors import ConfigError
 
-SHIPPED = ("tiny", "flash", "pro")
-MESH_PRESETS = ("data", "fsdp", "fsdp_expert8", "fsdp_context4")
+SHIPPED = ("tiny", "small", "flash", "pro")
+MESH_PRESETS = ("data", "fsdp", "fsdp_expert8", "fsdp_context4", "tpu_v5p_pod", "h200_cluster")
 
 
 def shipped_config(name: str) -> str:
