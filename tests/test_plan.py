@@ -64,6 +64,9 @@ SCRIPT = textwrap.dedent("""
       print(f"CASE {mesh.shape} {rows}x{seq_len} ratio {ratios[0]}: state+batch plan {held:.0f} "
             f"xla {xla.argument_size_in_bytes} | peak plan {memory['peak']:.0f} "
             f"xla {xla.argument_size_in_bytes + xla.temp_size_in_bytes}")
+    # The whole plan of the last case, as `dsv4 plan` prints it.
+    print(plan.format_plan(plan.plan(cfg, "h100", 8), "h100", 8, 0.4, "window"))
+    print(f"PEAK {memory['peak'] / 2**30:,.2f}")
 """)
 
 
@@ -77,6 +80,13 @@ def test_plan_memory_is_within_20_percent_of_xla_on_three_meshes():
     print(f"{name}: state + batch plan/XLA {int(held) / int(args):.4f}, peak plan/XLA {int(peak) / int(total):.3f}")
     assert abs(int(held) / int(args) - 1) <= 0.01, (name, held, args)
     assert abs(int(peak) / int(total) - 1) <= 0.20, (name, peak, total)
+  table = result.stdout[result.stdout.index("plan window"):].splitlines()
+  assert table[0] == ("plan window: 8 × H100 SXM (80 GB HBM = 74.5 GiB, 989 TFLOP/s bf16); mesh (data 4, expert 2); "
+                      "MFU 40%")
+  rows = {line[:28].strip(): line[28:].split() for line in table[2:] if line.startswith(" ") or line[:1].isalpha()}
+  assert rows["seq_len × rows"] == ["256", "×", "16"] and rows["rows / chip"] == ["2.00"]
+  assert rows["peak"] == [re.search(r"PEAK (\S+)", result.stdout).group(1)] and rows["fits in HBM"] == ["yes"]
+  assert rows["tokens / step"] == ["4.1K"] and rows["fewest chips"] == ["8"]   # a mesh of fixed sizes
 
 
 def _dsv4(*args):

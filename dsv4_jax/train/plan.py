@@ -501,6 +501,14 @@ def _gib(x: float) -> str:
   return f"{x / GIB:,.2f}"
 
 
+def _si(x: float) -> str:
+  """3 significant digits and an SI prefix: 75.5M, 7.25E (FLOPs), 2.63M."""
+  for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    if x >= scale * (1 - 5e-4):   # 999.9K rounds to 1M
+      return f"{x / scale:.3g}{prefix}"
+  return f"{x:.3g}"
+
+
 def format_plan(plans: list[StagePlan], chip: str, chips: int, mfu: float, name: str = "") -> str:
   """A table: one column per stage; memory in GiB per chip, communication in GiB per chip per step."""
   spec = CHIPS[chip]
@@ -511,7 +519,7 @@ def format_plan(plans: list[StagePlan], chip: str, chips: int, mfu: float, name:
   rows: list[tuple[str, list[str]]] = [
       ("seq_len × rows", [f"{p.seq_len:,} × {p.rows:,}" for p in plans]),
       ("attention", [p.attention for p in plans]),
-      ("tokens / step", [f"{p.seq_len * p.rows / 1e6:,.1f}M" for p in plans]),
+      ("tokens / step", [_si(p.seq_len * p.rows) for p in plans]),
       ("rows / chip", [f"{p.rows_chip:,.2f}" for p in plans]),
       ("memory / chip (GiB)", [""] * len(plans)),
   ]
@@ -521,9 +529,9 @@ def format_plan(plans: list[StagePlan], chip: str, chips: int, mfu: float, name:
       ("  fits in HBM", ["yes" if p.fits else "NO" for p in plans]),
       ("  fewest chips", [f"{p.smallest:,}" if p.smallest else "none" for p in plans]),
       ("compute", [""] * len(plans)),
-      ("  PFLOP / step", [f"{p.flops / 1e15:,.0f}" for p in plans]),
+      ("  FLOP / step", [_si(p.flops) for p in plans]),
       (f"  step at {mfu:.0%} MFU (s)", [f"{p.step_seconds:,.2f}" for p in plans]),
-      ("  tokens / s", [f"{p.seq_len * p.rows / p.step_seconds / 1e6:,.2f}M" for p in plans]),
+      ("  tokens / s", [_si(p.seq_len * p.rows / p.step_seconds) for p in plans]),
       ("comm / chip / step (GiB)", [""] * len(plans)),
   ]
   for key in first.comm:
