@@ -502,11 +502,11 @@ def _gib(x: float) -> str:
 
 
 def _si(x: float) -> str:
-  """3 significant digits and an SI prefix: 75.5M, 7.25E (FLOPs), 2.63M."""
-  for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-    if x >= scale * (1 - 5e-4):   # 999.9K rounds to 1M
-      return f"{x / scale:.3g}{prefix}"
-  return f"{x:.3g}"
+  """3 significant digits and an SI prefix: 75.5M, 7.25E (FLOPs), 10.0M, 256."""
+  prefix, scale = next(((p, s) for p, s in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6),
+                                             ("K", 1e3)) if x >= s * (1 - 5e-4)), ("", 1))  # 999.9K is 1.00M
+  v = x / scale
+  return f"{v:.{2 if v < 9.995 else 1 if v < 99.95 else 0}f}{prefix}"
 
 
 def format_plan(plans: list[StagePlan], chip: str, chips: int, mfu: float, name: str = "") -> str:
