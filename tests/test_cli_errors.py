@@ -138,3 +138,45 @@ def test_unknown_command_prints_usage():
 def test_command_help_lists_its_flags():
   proc = dsv4("cache-size", "--help")
   assert proc.returncode == 0 and "--context" in proc.stdout and "Traceback" not in proc.stderr
+
+
+# A run that fails while its compile-ahead thread compiles, made deterministic: the compilation starts only at
+# exit (atexit, before Python finalizes) and is still inside XLA when finalizing starts, and a slow module
+# teardown keeps the interpreter finalizing until it returns. Python then kills the thread inside XLA's C++
+# frames, which aborts the process ("FATAL: exception not rethrown", SIGABRT) unless `dsv4` exits without
+# finalizing while a compilation runs.
+RACE = """
+import atexit, sys, threading, time
+import jax
+from dsv4_jax import cli
+
+exiting = threading.Event()
+@atexit.register
+def start_compiling():
+  exiting.set()
+  time.sleep(0.5)   # the thread enters XLA (and releases the GIL) before finalizing starts
+
+compile_ = jax.stages.Lowered.compile
+def compile_at_exit(self, *args, **kwargs):
+  exiting.wait()
+  return compile_(self, *args, **kwargs)
+jax.stages.Lowered.compile = compile_at_exit
+
+class SlowTeardown:
+  def __del__(self, sleep=time.sleep):
+    sleep(10)
+slow = SlowTeardown()
+sys.argv = ["dsv4"] + sys.argv[1:]
+cli.console()
+"""
+
+
+def test_an_error_while_compiling_ahead_exits_with_its_code_not_an_abort(tmp_path):
+  (tmp_path / "bad.jsonl").write_text('{"text": "hello"}\nnot json\n')
+  proc = subprocess.run([sys.executable, "-c", RACE, "train", "--config=tiny", "--noprogress",
+                         f"--set=train.run_dir={tmp_path}/run", "--set=data.source=jsonl",
+                         f"--set=data.paths={tmp_path}/bad.jsonl", "--set=model.num_hidden_layers=1",
+                         "--set=model.compress_ratios=[0]", "--set=model.num_nextn_predict_layers=0"],
+                        capture_output=True, text=True, env=ENV, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("dsv4 train: error: ") and "bad.jsonl:2" in proc.stderr

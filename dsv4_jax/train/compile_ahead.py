@@ -6,8 +6,10 @@ stage change finds its step already compiled, instead of stopping for it (on CPU
 30–50 s; on the tiny config that is a fifth of the run). Programs are lowered from shapes only
 (jax.ShapeDtypeStruct), so the thread never touches the live, donated train state.
 
-The thread is a daemon: a run that stops early (Ctrl-C, max_steps) does not wait for compilations
-it no longer needs.
+The thread is a daemon: a run that stops early (Ctrl-C, max_steps, an error) does not wait for
+compilations it no longer needs. Python kills a daemon thread that returns from XLA while the
+interpreter finalizes, which aborts the process; `compiling()` tells the `dsv4` entry point to exit
+without finalizing then.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, Hashable
 
 import jax
+
+_compiling = threading.Event()   # set while a CompileAhead thread runs a job
 
 
 def shapes_of(tree) -> Any:
@@ -46,12 +50,15 @@ class CompileAhead:
       future, lower = self._jobs.get()
       if not future.set_running_or_notify_cancel():
         continue
+      _compiling.set()
       try:
         with jax.set_mesh(self.mesh):
           lowered = lower()
         future.set_result(lowered.compile())
       except BaseException as error:   # delivered to the caller of get()
         future.set_exception(error)
+      finally:
+        _compiling.clear()
 
   def submit(self, key: Hashable, lower: Callable[[], jax.stages.Lowered]) -> None:
     if key not in self._futures:
@@ -62,3 +69,8 @@ class CompileAhead:
     if key not in self._futures:
       raise KeyError(f"CompileAhead: nothing was submitted for {key!r}")
     return self._futures[key].result()
+
+
+def compiling() -> bool:
+  """Whether a CompileAhead thread is compiling now (one thread per run, so one job at a time)."""
+  return _compiling.is_set()
