@@ -290,8 +290,8 @@ MESH_SCRIPT = textwrap.dedent("""
     mesh = make_mesh(fsdp=2, expert=2, tensor=2)
     model = load_model(path, mesh=mesh)
     state = dict(nnx.to_flat_state(nnx.state(model)))
-    # What the logical axis rules say (vocab→tensor, embed→fsdp, heads→tensor, experts→expert, mlp→tensor):
-    specs = {("layers", 1, "attn", "wq_b", "weight"): ("tensor", None),
+    # What the logical axis rules say (vocab→tensor, embed→fsdp, heads→tensor+fsdp, experts→expert, mlp→tensor):
+    specs = {("layers", 1, "attn", "wq_b", "weight"): (("tensor", "fsdp"), None),
              ("layers", 1, "attn", "wq_a", "weight"): (None, "fsdp"),
              ("layers", 1, "ffn", "experts", "w1"): ("expert", "tensor", "fsdp"),
              ("layers", 1, "ffn", "experts", "w2"): ("expert", "fsdp", "tensor"),

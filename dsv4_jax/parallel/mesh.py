@@ -26,8 +26,10 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",
     "embed_in": None,
     "q_lora": None,
-    "heads": "tensor",
-    "index_heads": "tensor",
+    # Heads over fsdp as well: wq_b [H·D, q_lora], wo_a [G·o_lora, H·D/G] and the indexer's wq_b have no
+    # embed dimension, and would otherwise be whole on every fsdp chip (most of Flash's attention state).
+    "heads": ("tensor", "fsdp"),
+    "index_heads": ("tensor", "fsdp"),
     "kv": None,
     "kv_pool": None,
     "o_lora": None,
