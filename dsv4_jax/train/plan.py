@@ -462,13 +462,13 @@ MAX_CHIPS = 1 << 20
 
 def smallest_fit(cfg: TrainConfig, stage: CurriculumStage, rows: int, chip: Chip) -> int | None:
   """The fewest chips on which the stage's peak fits the chip's HBM: the mesh's fixed axes times
-  {1, 3, 9} · 2^k chips on its −1 axis (batch sizes such as the report's 18,432 rows of 4K hold a factor
-  9), or its one size when no axis is −1; None if none up to MAX_CHIPS."""
+  {1, 3, 5, 9, 15, 45} · 2^k chips on its −1 axis (the report's batches hold a factor 9 or 45: 18,432 and
+  23,040 rows of 4K), or its one size when no axis is −1; None if none up to MAX_CHIPS."""
   fixed = math.prod(size for _, size in cfg.mesh.items() if size != -1)
   if all(size != -1 for _, size in cfg.mesh.items()):
     counts = [fixed]
   else:
-    counts = sorted({fixed * m * 2 ** k for m in (1, 3, 9) for k in range(21) if fixed * m * 2 ** k <= MAX_CHIPS})
+    counts = sorted({fixed * m * 2 ** k for m in (1, 3, 5, 9, 15, 45) for k in range(21) if fixed * m * 2 ** k <= MAX_CHIPS})
   for n in counts:
     try:
       sizes = mesh_sizes(cfg.mesh, n, cfg.model)
