@@ -42,6 +42,22 @@ def info(argv):
   print(f"parameters: {total:,}")
 
 
+def _train_config(fl):
+  """The TrainConfig of --config, with the --mesh preset's axes and then each --set key=value applied."""
+  from dsv4_jax.config import MeshConfig, TrainConfig
+  from dsv4_jax.config.shipped import resolve_config, resolve_mesh
+
+  overrides = {}
+  if fl.mesh:
+    overrides = {f"mesh.{axis}": size for axis, size in MeshConfig.from_yaml(resolve_mesh(fl.mesh)).items()}
+  for item in fl.set:
+    if "=" not in item:
+      raise SystemExit(f"--set {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    overrides[key] = value
+  return TrainConfig.from_yaml(resolve_config(fl.config), overrides)
+
+
 @command("train")
 def train(argv):
   """dsv4 train --config CONFIG [--mesh PRESET] [--set key=value ...] [--resume[=auto] | --overwrite]: train."""
@@ -76,18 +92,7 @@ def train(argv):
       resume_args.append({"--resume": "--resume=true", "-resume": "--resume=true", "--noresume": "--resume=false",
                           "-noresume": "--resume=false"}.get(arg, arg))
   flags.FLAGS(resume_args)
-  from dsv4_jax.config import MeshConfig, TrainConfig
-  from dsv4_jax.config.shipped import resolve_config, resolve_mesh
-
-  overrides = {}
-  if flags.FLAGS.mesh:
-    overrides = {f"mesh.{axis}": size for axis, size in MeshConfig.from_yaml(resolve_mesh(flags.FLAGS.mesh)).items()}
-  for item in flags.FLAGS.set:
-    if "=" not in item:
-      raise SystemExit(f"--set {item!r}: expected key=value")
-    key, value = item.split("=", 1)
-    overrides[key] = value
-  cfg = TrainConfig.from_yaml(resolve_config(flags.FLAGS.config), overrides)
+  cfg = _train_config(flags.FLAGS)
   from dsv4_jax.train import distributed  # imports JAX: only once the config is known to be good
   distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                          heartbeat_timeout_seconds=flags.FLAGS.heartbeat_timeout)
@@ -285,19 +290,8 @@ def plan(argv):
                        "stage at tokens_per_batch / seq_len rows if none has it)", lower_bound=1)
   flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step time")
   flags.FLAGS(argv)
-  from dsv4_jax.config import MeshConfig, TrainConfig
-  from dsv4_jax.config.shipped import resolve_config, resolve_mesh
-
   fl = flags.FLAGS
-  overrides = {}
-  if fl.mesh:
-    overrides = {f"mesh.{axis}": size for axis, size in MeshConfig.from_yaml(resolve_mesh(fl.mesh)).items()}
-  for item in fl.set:
-    if "=" not in item:
-      raise SystemExit(f"--set {item!r}: expected key=value")
-    key, value = item.split("=", 1)
-    overrides[key] = value
-  cfg = TrainConfig.from_yaml(resolve_config(fl.config), overrides)
+  cfg = _train_config(fl)
   from dsv4_jax.train.plan import chip_spec, format_plan, plan as make_plan  # imports JAX
 
   chip_spec(fl.chip)
