@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
                                    "optimizer": {"warmup_steps": 1},
                                    "curriculum": [{"seq_len": seq_len, "steps": 1, "attention": attention,
                                                    "batch_size": rows}], "mesh": mesh})
-      sizes = plan.mesh_sizes(cfg.mesh, 8, cfg.model)
+      sizes = cfg.mesh.axis_sizes(8, cfg.model.n_routed_experts)
       memory = plan.memory_per_chip(cfg, cfg.curriculum[0], rows, sizes)
       mesh = make_mesh(**sizes)
       graphdef, state, tx = init_state(cfg, mesh)

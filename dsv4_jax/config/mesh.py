@@ -53,8 +53,9 @@ class MeshConfig:
   def items(self) -> list[tuple[str, int]]:
     return [(axis, getattr(self, axis)) for axis in AXES]
 
-  def axis_sizes(self, devices: int) -> dict[str, int]:
-    """The axis sizes on `devices` devices, −1 resolved; ConfigError if they do not fit exactly."""
+  def axis_sizes(self, devices: int, routed_experts: int | None = None) -> dict[str, int]:
+    """The axis sizes on `devices` devices, −1 resolved; ConfigError if they do not fit exactly, or (given
+    the model's `routed_experts`) if the expert axis does not divide them."""
     fixed = math.prod(size for _, size in self.items() if size != -1)
     sizes = dict(self.items())
     rest = [axis for axis, size in self.items() if size == -1]
@@ -66,6 +67,9 @@ class MeshConfig:
     elif fixed != devices:
       raise ConfigError(f"mesh: axis sizes {sizes} multiply to {fixed}, but {devices} devices are available; "
                         f"set one axis to -1 to take the rest")
+    if routed_experts is not None and routed_experts % sizes["expert"]:
+      raise ConfigError(f"mesh.expert: {sizes['expert']} devices must divide model.n_routed_experts "
+                        f"({routed_experts}): each holds the same number of experts")
     return sizes
 
   def _fixed(self) -> dict[str, int]:

@@ -82,6 +82,11 @@ def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh,
   return P(*spec)
 
 
+def spec_axes(spec: P) -> list[str]:
+  """The mesh axes a PartitionSpec splits over, in order."""
+  return [axis for entry in spec if entry for axis in ((entry,) if isinstance(entry, str) else entry)]
+
+
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
   """A NamedSharding for every variable of an nnx.State, from its `logical_axes` metadata."""
   def one(var):

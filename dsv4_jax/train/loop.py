@@ -66,11 +66,7 @@ def config_fingerprint(cfg: TrainConfig) -> str:
 
 def run_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
   """The device mesh of `cfg.mesh` over all devices (ConfigError if it does not fit them or the model)."""
-  sizes = cfg.mesh.axis_sizes(jax.device_count())
-  if cfg.model.n_routed_experts % sizes["expert"]:
-    raise ConfigError(f"mesh.expert: {sizes['expert']} devices must divide model.n_routed_experts "
-                      f"({cfg.model.n_routed_experts}): each holds the same number of experts")
-  return make_mesh(**sizes)
+  return make_mesh(**cfg.mesh.axis_sizes(jax.device_count(), cfg.model.n_routed_experts))
 
 
 def _data_shards(cfg: TrainConfig, plans) -> tuple[int, range]:

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv4_jax.parallel.mesh import LOGICAL_RULES, logical_to_spec, state_shardings
+from dsv4_jax.parallel.mesh import LOGICAL_RULES, logical_to_spec, spec_axes, state_shardings
 from dsv4_jax.train.step import TrainState
 
 BATCH_AXES = ("batch", "seq")
@@ -85,7 +85,7 @@ class Placement:
   def describe(self, batch_size: int, seq_len: int) -> str:
     """One line: the mesh and how a [batch_size, seq_len] batch is split (replicated axes named)."""
     spec = logical_to_spec(BATCH_AXES, (batch_size, seq_len), self.mesh)
-    used = {axis for entry in spec if entry for axis in ((entry,) if isinstance(entry, str) else entry)}
+    used = set(spec_axes(spec))
     split_axes = (*LOGICAL_RULES["batch"], LOGICAL_RULES["seq"])
     idle = [f"{axis} {size}" for axis, size in self.mesh.shape.items()
             if size > 1 and axis in split_axes and axis not in used]

@@ -69,7 +69,7 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals  # the function behind jax.ad_checkpoint.print_saved_residuals
 from jax.sharding import AbstractMesh, AxisType
 
-from dsv4_jax.config import ConfigError, CurriculumStage, MeshConfig, ModelConfig, TrainConfig
+from dsv4_jax.config import ConfigError, CurriculumStage, ModelConfig, TrainConfig
 from dsv4_jax.data.packing import empty_row
 from dsv4_jax.layers.block import Block
 from dsv4_jax.layers.cache import cache_bytes, init_cache
@@ -77,7 +77,7 @@ from dsv4_jax.layers.layer_groups import layer_kind, run_block
 from dsv4_jax.layers.linear import MUON
 from dsv4_jax.layers.model import MTPBlock, Transformer
 from dsv4_jax.optim.partition import key_path_names, param_group
-from dsv4_jax.parallel.mesh import LOGICAL_RULES, MESH_AXES, logical_to_spec
+from dsv4_jax.parallel.mesh import LOGICAL_RULES, MESH_AXES, logical_to_spec, spec_axes
 from dsv4_jax.train.curriculum import StepKind
 from dsv4_jax.train.flops import forward_flops_per_token
 from dsv4_jax.train.losses import training_losses
@@ -125,16 +125,6 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
   return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def mesh_sizes(mesh: MeshConfig, chips: int, model: ModelConfig) -> dict[str, int]:
-  """The axis sizes of `mesh` on `chips` chips (ConfigError if they do not fit, or if `expert` does not divide
-  the routed experts, as `dsv4 train` checks)."""
-  sizes = mesh.axis_sizes(chips)
-  if model.n_routed_experts % sizes["expert"]:
-    raise ConfigError(f"mesh.expert: {sizes['expert']} chips must divide model.n_routed_experts "
-                      f"({model.n_routed_experts}): each holds the same number of experts")
-  return sizes
-
-
 # --- the abstract model -----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +142,11 @@ class Leaf:
 
   def split_by(self, sizes: dict[str, int]) -> list[str]:
     """The mesh axes that split it on a mesh of `sizes` (as placed: `logical_to_spec`)."""
-    return _axes(logical_to_spec(self.axes, self.shape, abstract_mesh(sizes)))
+    return spec_axes(logical_to_spec(self.axes, self.shape, abstract_mesh(sizes)))
 
   def shards(self, sizes: dict[str, int], without: str | None = None) -> int:
     """Chips one copy is split over on a mesh of `sizes` (`without`: as if that axis did not split it)."""
     return math.prod(sizes[a] for a in self.split_by(sizes) if a != without)
-
-
-def _axes(spec) -> list[str]:
-  """The mesh axes a PartitionSpec splits over."""
-  return [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -314,10 +299,12 @@ def _stage_kind(stage: CurriculumStage) -> StepKind:
   return StepKind(stage.attention, bool(stage.train_indexer), False)
 
 
-def _batch_split(rows: int, seq_len: int, sizes: dict[str, int]) -> tuple[int, int]:
-  """(chips splitting the rows, chips splitting each sequence): `logical_to_spec` of the batch [B, S]."""
+def _batch_split(rows: int, seq_len: int, sizes: dict[str, int]) -> tuple[int, int, set[str]]:
+  """(chips splitting the rows, chips splitting each sequence, the mesh axes doing either): `logical_to_spec`
+  of the batch [B, S] (an axis that does not divide is skipped)."""
   rows_spec, seq_spec = logical_to_spec(("batch", "seq"), (rows, seq_len), abstract_mesh(sizes))
-  return (math.prod(sizes[a] for a in _axes([rows_spec])), math.prod(sizes[a] for a in _axes([seq_spec])))
+  row_axes, seq_axes = spec_axes([rows_spec]), spec_axes([seq_spec])
+  return math.prod(sizes[a] for a in row_axes), math.prod(sizes[a] for a in seq_axes), {*row_axes, *seq_axes}
 
 
 def state_bytes(cfg: TrainConfig, sizes: dict[str, int]) -> dict[str, float]:
@@ -347,8 +334,7 @@ def communication(cfg: TrainConfig, sizes: dict[str, int], rows: int, seq_len: i
   _, _, _, params, _ = abstract_model(model)
   passes = 1 if model.remat == "none" else 2  # forward passes (the backward recomputes one)
   compute = jnp.dtype(model.dtype).itemsize
-  row_split, ctx = _batch_split(rows, seq_len, sizes)
-  split = _splitting_axes(rows, seq_len, sizes)
+  row_split, ctx, split = _batch_split(rows, seq_len, sizes)
 
   def ring(g):
     return (g - 1) / g
@@ -404,7 +390,7 @@ def memory_per_chip(cfg: TrainConfig, stage: CurriculumStage, rows: int, sizes: 
   model = cfg.model
   seq_len = stage.seq_len
   kind = _stage_kind(stage)
-  row_split, ctx = _batch_split(rows, seq_len, sizes)
+  row_split, ctx, _ = _batch_split(rows, seq_len, sizes)
   tokens = rows / row_split * seq_len / ctx  # tokens of the batch one chip holds
   moe = moe_tokens(rows, seq_len, sizes)
 
@@ -427,13 +413,12 @@ def memory_per_chip(cfg: TrainConfig, stage: CurriculumStage, rows: int, sizes: 
 def plan_stage(cfg: TrainConfig, stage: CurriculumStage, rows: int, chip: Chip, chips: int, mfu: float) -> StagePlan:
   """The plan of one stage's train step on `chips` chips of `chip` (module docstring)."""
   model = cfg.model
-  sizes = mesh_sizes(cfg.mesh, chips, model)
+  sizes = cfg.mesh.axis_sizes(chips, model.n_routed_experts)
   seq_len = stage.seq_len
-  row_split, _ = _batch_split(rows, seq_len, sizes)
+  row_split, _, split = _batch_split(rows, seq_len, sizes)
   memory = memory_per_chip(cfg, stage, rows, sizes)
   flops = 3 * forward_flops_per_token(model, seq_len, attention=stage.attention) * rows * seq_len
   warnings = []
-  split = _splitting_axes(rows, seq_len, sizes)
   idle = [f"{a} {sizes[a]}" for a in (*BATCH_AXES, "context") if sizes[a] > 1 and a not in split]
   if idle:
     warnings.append(f"batch [{rows}, {seq_len}] does not split over {', '.join(idle)}: those chips compute copies")
@@ -452,11 +437,6 @@ def plan_stage(cfg: TrainConfig, stage: CurriculumStage, rows: int, chip: Chip, 
       warnings=tuple(warnings))
 
 
-def _splitting_axes(rows: int, seq_len: int, sizes: dict[str, int]) -> set[str]:
-  """The mesh axes that split a batch [rows, seq_len] (`logical_to_spec`: an axis that does not divide is skipped)."""
-  return set(_axes(logical_to_spec(("batch", "seq"), (rows, seq_len), abstract_mesh(sizes))))
-
-
 MAX_CHIPS = 1 << 20
 
 
@@ -468,10 +448,11 @@ def smallest_fit(cfg: TrainConfig, stage: CurriculumStage, rows: int, chip: Chip
   if all(size != -1 for _, size in cfg.mesh.items()):
     counts = [fixed]
   else:
-    counts = sorted({fixed * m * 2 ** k for m in (1, 3, 5, 9, 15, 45) for k in range(21) if fixed * m * 2 ** k <= MAX_CHIPS})
+    counts = sorted({fixed * m * 2 ** k for m in (1, 3, 5, 9, 15, 45) for k in range(21)
+                     if fixed * m * 2 ** k <= MAX_CHIPS})
   for n in counts:
     try:
-      sizes = mesh_sizes(cfg.mesh, n, cfg.model)
+      sizes = cfg.mesh.axis_sizes(n, cfg.model.n_routed_experts)
     except ConfigError:
       continue
     if memory_per_chip(cfg, stage, rows, sizes)["peak"] <= chip.hbm:
@@ -487,7 +468,7 @@ def plan(cfg: TrainConfig, chip: str, chips: int, *, seq_len: int | None = None,
     raise ConfigError(f"--chips {chips}: expected a positive number of chips")
   if not 0 < mfu <= 1:
     raise ConfigError(f"--mfu {mfu}: expected a fraction in (0, 1]")
-  mesh_sizes(cfg.mesh, chips, cfg.model)
+  cfg.mesh.axis_sizes(chips, cfg.model.n_routed_experts)   # ConfigError if the mesh does not fit
   stages = list(cfg.curriculum)
   if seq_len is not None:
     stages = [s for s in stages if s.seq_len == seq_len] or [CurriculumStage(seq_len=seq_len, steps=1,
